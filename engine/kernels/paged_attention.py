@@ -1,0 +1,72 @@
+"""Attention over a paged KV cache, for decode and (chunked) prefill alike.
+
+Layouts (shared with the model runner):
+  q             [num_tokens, Hq, D]   queries of all sequences, flat over tokens
+  k_cache/v_cache [num_blocks, block_size, Hkv, D]
+  block_tables  int32 [num_seqs, max_blocks_per_seq]  logical block -> physical block
+  context_lens  int32 [num_seqs]  KV length of each sequence INCLUDING this step's tokens
+  cu_seqlens_q  int32 [num_seqs + 1]  sequence s owns queries cu[s]:cu[s+1]
+
+Causality: query j of a sequence with q_len queries sits at position context_len - q_len + j and
+sees KV positions up to and including that one. GQA: query head h reads KV head h // (Hq // Hkv).
+Tokens past cu_seqlens_q[-1] (padding) get zeros.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kernels._dispatch import use_triton
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure-torch paged attention (gather the blocks, masked matmul, fp32 softmax)."""
+    num_tokens, hq, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    out = torch.zeros_like(q)
+    cu = cu_seqlens_q.tolist()
+    ctx = context_lens.tolist()
+    for s in range(len(ctx)):
+        q0, q1, kv_len = cu[s], cu[s + 1], ctx[s]
+        q_len = q1 - q0
+        if q_len <= 0 or kv_len <= 0:
+            continue
+        if q_len > kv_len:
+            raise ValueError(f"sequence {s}: {q_len} queries but context_len {kv_len}")
+        n_blocks = -(-kv_len // block_size)
+        blocks = block_tables[s, :n_blocks].long()
+        k = k_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()
+        qs = q[q0:q1].float().view(q_len, hkv, group, d)
+        scores = torch.einsum("qhgd,khd->hgqk", qs, k) * scale  # [Hkv, G, q_len, L]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        k_pos = torch.arange(kv_len, device=q.device)
+        visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgqk,khd->qhgd", probs, v)
+        out[q0:q1] = o.reshape(q_len, hq, d).to(q.dtype)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Paged attention: Triton on CUDA tensors, the torch reference elsewhere."""
+    if use_triton(q, k_cache):
+        pass  # Triton kernels are wired in below once written.
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
