@@ -35,5 +35,8 @@ def write_kv(
 ) -> None:
     """Scatter k and v into the caches in place: Triton on CUDA tensors, the reference elsewhere."""
     if use_triton(k, k_cache):
-        pass  # Triton kernel wired in below once written.
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        from engine.kernels.kv_write_triton import write_kv_triton
+
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)

@@ -65,8 +65,28 @@ def paged_attention(
     context_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float,
+    *,
+    max_seqlen_q: int | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """Paged attention: Triton on CUDA tensors, the torch reference elsewhere."""
-    if use_triton(q, k_cache):
-        pass  # Triton kernels are wired in below once written.
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+    """Paged attention: Triton on CUDA tensors, the torch reference elsewhere.
+
+    Every sequence in the batch must own at least one query token; a batch with as many tokens
+    as sequences is then pure decode and takes the split-K decode kernel. The optional host-side
+    hints avoid a device sync: max_seqlen_q (longest query run) sizes the prefill grid,
+    max_context_len (an upper bound on context_lens) sizes the decode splits; leave
+    max_context_len None under CUDA graphs (the block table's capacity is used instead).
+    """
+    if not use_triton(q, k_cache):
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+    if q.shape[0] == context_lens.shape[0]:
+        from engine.kernels.paged_decode_triton import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=max_context_len
+        )
+    from engine.kernels.paged_prefill_triton import paged_prefill_attention_triton
+
+    return paged_prefill_attention_triton(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, max_seqlen_q=max_seqlen_q
+    )
