@@ -19,8 +19,9 @@ def _write_kv_kernel(
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D_PAD)
     # A -1 slot (padding) turns every access off instead of branching.
-    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM) & (slot >= 0)
-    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h[:, None] * stride_ch + d[None, :]
+    slots = tl.zeros([H_PAD, D_PAD], tl.int64) + slot
+    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM) & (slots >= 0)
+    dst = (slots // PAGE) * stride_cb + (slots % PAGE) * stride_cs + h[:, None] * stride_ch + d[None, :]
     k = tl.load(k_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
