@@ -1,0 +1,63 @@
+"""Rotary embedding (rotate-half / GPT-NeoX layout, as Llama) fused with the paged KV-cache write.
+
+cos_sin_cache [max_positions, D] float32: row p holds cos(p * inv_freq) in its first D/2 columns
+and sin(p * inv_freq) in its last D/2 (inv_freq has D/2 entries, any RoPE scaling already in it).
+For x of head dim D with halves x1 = x[:D/2], x2 = x[D/2:]:
+    out1 = x1 * cos - x2 * sin,   out2 = x2 * cos + x1 * sin
+which equals x * cat(cos, cos) + rotate_half(x) * cat(sin, sin). Products run in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kernels._dispatch import use_triton
+from engine.kernels.kv_write import write_kv_ref
+
+
+def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """[max_positions, D] float32 table (cos | sin) for `inv_freq` [D/2]."""
+    pos = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = pos[:, None] * inv_freq.float()[None, :]  # [P, D/2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, D] at positions [T] (pure torch)."""
+    half = x.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()].float()  # [T, D]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rope_and_write_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D]; write rotated k and v into the paged cache; return rotated q."""
+    write_kv_ref(apply_rope_ref(k, positions, cos_sin_cache), v, k_cache, v_cache, slot_mapping)
+    return apply_rope_ref(q, positions, cos_sin_cache)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """One pass on CUDA (Triton): RoPE on q and k, k and v into the cache; the reference elsewhere."""
+    if use_triton(q, k_cache):
+        from engine.kernels.rope_triton import rope_and_write_kv_triton
+
+        return rope_and_write_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return rope_and_write_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
