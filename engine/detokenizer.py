@@ -1,0 +1,74 @@
+"""Incremental detokenization for streaming: token ids in, text deltas out.
+
+Decoding one token alone is wrong in two ways: a character split over several byte-fallback or
+byte-level tokens decodes to U+FFFD until its last byte arrives, and SentencePiece drops the
+word-boundary space of whichever token comes first in what it decodes. So each step decodes a
+short window twice, the already-emitted tokens of the window and the window plus the new token,
+and emits the difference (the scheme vLLM uses). The window starts a few tokens back, so the
+space of the new token is never the "first" one; text that ends in U+FFFD is held back until
+the character completes. Decoding is local, so the deltas add up to `decode(all ids)`.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from engine.tokenizer import Tokenizer
+
+# Prompt tokens kept as left context: enough for any word-boundary or UTF-8 effect.
+_CONTEXT = 5
+# Ids before the window are dropped once this many pile up, so memory stays flat on long streams.
+_TRIM_AT = 256
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids, fed one at a time, into text deltas.
+
+    `prompt_ids` give left context only (their text is not emitted): with them, a first token
+    that starts a word comes out with its leading space, as it reads after the prompt. Without
+    them, the concatenated deltas equal `tokenizer.decode(generated_ids)` at every step, except
+    that an incomplete trailing UTF-8 character is held back; `finish()` releases it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = [int(i) for i in list(prompt_ids)[-_CONTEXT:]]
+        # _ids[_prefix:_read] were already emitted (the window's context); _ids[_read:] are pending.
+        self._prefix = 0
+        self._read = len(self._ids)
+        self._parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return "".join(self._parts)
+
+    def add(self, token_id: int) -> str:
+        """Feed one token id; return the text it completes (possibly "")."""
+        self._ids.append(int(token_id))
+        return self._emit(final=False)
+
+    def add_many(self, token_ids: Iterable[int]) -> str:
+        """Feed several ids; return their combined delta."""
+        return "".join(self.add(t) for t in token_ids)
+
+    def finish(self) -> str:
+        """Release any held-back text (an incomplete character at the end of the stream shows as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self._tok.decode
+        skip = self.skip_special_tokens
+        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=skip)
+        after = decode(self._ids[self._prefix :], skip_special_tokens=skip)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            # Nothing new yet (a skipped special token, or a character still missing bytes).
+            return ""
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        if self._prefix >= _TRIM_AT:
+            del self._ids[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+        self._parts.append(delta)
+        return delta
