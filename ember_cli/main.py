@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = [
     "ember_cli.generate",
+    "ember_cli.data",
     "ember_cli.tokenizer",
 ]
 
