@@ -1,0 +1,105 @@
+"""Weight-only int8 / int4 matmuls: y = x @ dequant(W).T (+ bias), x in fp16/bf16/fp32.
+
+Formats (W is [N, K] like nn.Linear.weight: N output features, K input features):
+
+int8, per output channel, symmetric:
+    qweight int8 [N, K], scales [N] (floating);   W[n, k] = qweight[n, k] * scales[n]
+    quantized as round(W / s) clamped to [-127, 127] with s = max_k |W[n, k]| / 127.
+
+int4, group-wise along K, symmetric, group size G in {32, 64, 128} (K % G == 0):
+    qweight uint8 [N, K // 2], scales [N, K // G] (floating)
+    Each byte holds two 4-bit codes c in [0, 15] standing for c - 8. Within group g (columns
+    g*G .. g*G+G-1), byte g*G/2 + j holds column g*G + j in its low nibble and column
+    g*G + G/2 + j in its high nibble, for j < G/2. So every group is G/2 contiguous bytes whose
+    low nibbles are the group's first half and high nibbles its second half: a kernel reads
+    each byte once and needs no interleave.
+        W[n, g*G + j]       = ((qweight[n, g*G/2 + j] & 15) - 8) * scales[n, g]
+        W[n, g*G + G/2 + j] = ((qweight[n, g*G/2 + j] >> 4) - 8) * scales[n, g]
+    quantized as round(W / s) clamped to [-8, 7] with s = max over the group of |W| / 7.
+
+Scales are stored in the model's floating dtype; all products accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels._dispatch import use_triton
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per-channel int8: W [N, K] -> (qweight int8 [N, K], scales float32 [N])."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes and per-channel scales -> float32 W [N, K]."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest group-wise int4: W [N, K] -> (qweight uint8 [N, K/2], scales float32 [N, K/G])."""
+    n, k = w.shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    wg = w.float().reshape(n, k // group_size, group_size)
+    scales = wg.abs().amax(dim=-1).clamp(min=1e-12) / 7.0  # [N, K/G]
+    codes = (torch.round(wg / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, K/G, G]
+    half = group_size // 2
+    packed = codes[..., :half] | (codes[..., half:] << 4)
+    return packed.reshape(n, k // 2), scales
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Packed int4 codes and group scales -> float32 W [N, K]."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    groups = scales.shape[1]
+    half = k // groups // 2
+    b = qweight.reshape(n, groups, half)
+    codes = torch.cat((b & 15, b >> 4), dim=-1).float() - 8.0  # [N, K/G, G]
+    return (codes * scales.float()[..., None]).reshape(n, k)
+
+
+def int8_matmul_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype."""
+    y = F.linear(x.float(), dequantize_int8(qweight, scales), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def int4_matmul_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype."""
+    y = F.linear(x.float(), dequantize_int4(qweight, scales), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def int8_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only int8 linear: Triton on CUDA, the reference elsewhere."""
+    if use_triton(x, qweight):
+        from engine.kernels.quant_matmul_triton import quant_matmul_triton
+
+        return quant_matmul_triton(x, qweight, scales, bias, bits=8)
+    return int8_matmul_ref(x, qweight, scales, bias)
+
+
+def int4_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only int4 linear: Triton on CUDA, the reference elsewhere."""
+    if use_triton(x, qweight):
+        from engine.kernels.quant_matmul_triton import quant_matmul_triton
+
+        return quant_matmul_triton(x, qweight, scales, bias, bits=4)
+    return int4_matmul_ref(x, qweight, scales, bias)
