@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ def prepare_data(
         "stages": stages.to_list(),
         "warnings": [],
     }
+    manifest = json.loads(json.dumps(manifest))  # plain JSON types, so the returned manifest equals the file
     result = PrepareResult(out, manifest)
     if splits["train"]["num_documents"] == 0:
         for writer in writers.values():
