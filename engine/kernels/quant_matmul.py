@@ -29,11 +29,14 @@ from engine.kernels._dispatch import use_triton
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest per-channel int8: W [N, K] -> (qweight int8 [N, K], scales float32 [N])."""
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per-channel int8: W [N, K] -> (qweight int8 [N, K], scales [N] in scale_dtype).
+
+    Codes are rounded against the scales as stored (after the cast to scale_dtype).
+    """
     w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -42,16 +45,21 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return qweight.float() * scales.float()[:, None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest group-wise int4: W [N, K] -> (qweight uint8 [N, K/2], scales float32 [N, K/G])."""
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest group-wise int4: W [N, K] -> (qweight uint8 [N, K/2], scales [N, K/G] in scale_dtype).
+
+    Codes are rounded against the scales as stored (after the cast to scale_dtype).
+    """
     n, k = w.shape
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
     wg = w.float().reshape(n, k // group_size, group_size)
-    scales = wg.abs().amax(dim=-1).clamp(min=1e-12) / 7.0  # [N, K/G]
-    codes = (torch.round(wg / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, K/G, G]
+    scales = (wg.abs().amax(dim=-1).clamp(min=1e-8) / 7.0).to(scale_dtype)  # [N, K/G]
+    codes = (torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, K/G, G]
     half = group_size // 2
     packed = codes[..., :half] | (codes[..., half:] << 4)
     return packed.reshape(n, k // 2), scales

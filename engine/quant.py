@@ -1,0 +1,171 @@
+"""Weight-only int8 / int4 quantization of a built model, and offline checkpoint conversion.
+
+Quantization is a transform on a built model: every nn.Linear (except those named in
+`modules_to_not_convert`, by default lm_head) is replaced, under the same name, by a QuantLinear.
+A quantized layer's state dict holds
+
+    <name>.qweight   int8 [out, in] (8-bit) or uint8 [out, in/2] (4-bit, two codes a byte)
+    <name>.scales    [out] (8-bit, per output channel) or [out, in/group_size] (4-bit), model dtype
+    <name>.bias      unchanged, when the layer has one
+
+with the code layouts documented in engine/kernels/quant_matmul.py (symmetric round-to-nearest).
+A quantized checkpoint is a normal Hugging Face directory whose config.json carries
+
+    "quantization_config": {
+        "quant_method": "ember",        # this format
+        "bits": 4,                      # 4 or 8
+        "group_size": 128,              # 32, 64 or 128 for 4-bit; null for 8-bit (per channel)
+        "symmetric": true,              # codes stand for c - 8 (4-bit) or c (8-bit), no zero points
+        "modules_to_not_convert": ["lm_head"]   # left in floating point (names or name suffixes)
+    }
+
+engine/checkpoint.load_model calls apply_quantization(model, config) on the empty model before
+filling in the tensors; `ember quantize` runs quantize_checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.kernels.quant_matmul import (
+    INT4_GROUP_SIZES,
+    dequantize_int4,
+    dequantize_int8,
+    int4_matmul,
+    int8_matmul,
+    quantize_int4,
+    quantize_int8,
+)
+
+QUANT_METHOD = "ember"
+DEFAULT_SKIP = ("lm_head",)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with int8 (per-channel) or int4 (group-wise) weights; drop-in for nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        _check_scheme(bits, group_size)
+        if bits == 4 and in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of the group size {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size if bits == 4 else None
+        if bits == 8:
+            qshape, sshape, qdtype = (out_features, in_features), (out_features,), torch.int8
+        else:
+            qshape, qdtype = (out_features, in_features // 2), torch.uint8
+            sshape = (out_features, in_features // group_size)
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.ones(sshape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> "QuantLinear":
+        """Quantize a dense layer (round to nearest); scales take the layer's dtype."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        if w.device.type != "meta":
+            q, s = quantize_int8(w, w.dtype) if bits == 8 else quantize_int4(w, group_size, w.dtype)
+            layer.qweight.copy_(q)
+            layer.scales.copy_(s)
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense [out, in] weight this layer multiplies by, in the scales' dtype."""
+        w = dequantize_int8(self.qweight, self.scales) if self.bits == 8 else dequantize_int4(self.qweight, self.scales)
+        return w.to(self.scales.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized dense weight, rebuilt on each access (for merges and inspection, not the hot path)."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = int8_matmul if self.bits == 8 else int4_matmul
+        return matmul(x, self.qweight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, bias={self.bias is not None}"
+
+
+def _check_scheme(bits: int, group_size: int | None) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"4-bit group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+
+def _skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def _swap(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
+    """Replace every convertible nn.Linear in place; layers whose width does not fit join `skip`."""
+    converted = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or _skipped(name, skip):
+            continue
+        if bits == 4 and module.in_features % group_size:
+            skip.append(name)
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, QuantLinear.from_linear(module, bits, group_size))
+        converted.append(name)
+    return converted
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
+                   modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP) -> dict[str, Any]:
+    """Quantize `model`'s linear layers in place (round to nearest); returns its quantization_config."""
+    group_size = group_size if bits == 4 else None
+    _check_scheme(bits, group_size)
+    skip = list(modules_to_not_convert)
+    with torch.no_grad():
+        _swap(model, bits, group_size, skip)
+    return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "symmetric": True,
+            "modules_to_not_convert": skip}
+
+
+def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) -> list[str]:
+    """Give `model` (typically still empty, on the meta device) the layer structure of a quantized
+    checkpoint, so its qweight/scales tensors can be loaded. Returns the converted layer names."""
+    method = quantization_config.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported; Ember reads {QUANT_METHOD!r} "
+                         "checkpoints written by `ember quantize`")
+    if not quantization_config.get("symmetric", True):
+        raise ValueError("quantization_config.symmetric=false is not supported")
+    bits = int(quantization_config.get("bits", 0))
+    group_size = quantization_config.get("group_size") if bits == 4 else None
+    _check_scheme(bits, group_size)
+    skip = list(quantization_config.get("modules_to_not_convert", DEFAULT_SKIP))
+    return _swap(model, bits, group_size, skip)
+
+
+def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int,
+                        group_size: int | None = 128, dtype: str | torch.dtype | None = None,
+                        modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP) -> Path:
+    """Read a floating-point checkpoint, quantize it, write a quantized checkpoint (tokenizer included)."""
+    from engine.checkpoint import load_config, load_model, save_model
+
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise ValueError("--out must differ from --model")
+    if load_config(model_dir).tie_word_embeddings and bits in (4, 8):
+        modules_to_not_convert = tuple(set(modules_to_not_convert) | {"lm_head"})  # shared with the embedding
+    model, config = load_model(model_dir, dtype=dtype)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError(f"{model_dir} is already quantized")
+    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert)
+    return save_model(model, config, out_dir, tokenizer_dir=model_dir, extra_config={"quantization_config": qcfg})

@@ -1,0 +1,115 @@
+"""Weight-only quantization as a model transform: QuantLinear, quantize_model, apply_quantization,
+offline checkpoint conversion and `ember quantize`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.kernels.quant_matmul import dequantize_int4, dequantize_int8
+from engine.quant import QuantLinear, apply_quantization, quantize_checkpoint, quantize_model
+
+
+def _stack(bias=True):
+    torch.manual_seed(torch.seed() % 2**31)
+    return nn.Sequential(nn.Linear(64, 128, bias=bias), nn.SiLU(), nn.Linear(128, 64, bias=bias),
+                         nn.Linear(64, 96))
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_quant_linear_equals_dequantized_matmul(bits, group):
+    lin = nn.Linear(128, 48)
+    ql = QuantLinear.from_linear(lin, bits, group)
+    x = torch.randn(5, 128)
+    deq = dequantize_int8(ql.qweight, ql.scales) if bits == 8 else dequantize_int4(ql.qweight, ql.scales)
+    torch.testing.assert_close(ql(x), F.linear(x, deq, lin.bias.detach()), rtol=1e-5, atol=1e-5)
+    # Quantization error of the output is bounded by the weight error (half a step a weight).
+    err = (ql(x) - lin(x)).abs().max()
+    assert 0 < err < 0.1 * lin(x).abs().max()
+
+
+def test_quantize_model_keeps_names_and_documented_keys():
+    model = _stack()
+    x = torch.randn(4, 64)
+    before = model(x).detach()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    qcfg = quantize_model(model, 4, 32, modules_to_not_convert=["3"])
+    assert qcfg == {"quant_method": "ember", "bits": 4, "group_size": 32, "symmetric": True,
+                    "modules_to_not_convert": ["3"]}
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    assert isinstance(model[3], nn.Linear)  # skipped by name
+    keys = set(model.state_dict())
+    assert {"0.qweight", "0.scales", "0.bias", "2.qweight", "2.scales", "3.weight"} <= keys
+    assert not any(k in keys for k in ("0.weight", "2.weight"))
+    assert names == ["0", "2", "3"]
+    rel = (model(x) - before).abs().max() / before.abs().max()
+    assert 0 < rel < 0.15
+
+
+def test_layers_not_divisible_by_group_stay_dense_and_are_recorded():
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 32))
+    qcfg = quantize_model(model, 4, 64)
+    assert isinstance(model[0], nn.Linear) and isinstance(model[1], QuantLinear)
+    assert "0" in qcfg["modules_to_not_convert"]
+
+
+def test_apply_quantization_on_meta_then_load_state_dict():
+    src = _stack()
+    qcfg = quantize_model(src, 8, None)
+    with torch.device("meta"):
+        dst = _stack()
+    apply_quantization(dst, qcfg)
+    assert isinstance(dst[0], QuantLinear) and dst[0].qweight.is_meta
+    dst.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_apply_quantization_rejects_unknown_configs():
+    for bad in ({"quant_method": "gptq", "bits": 4}, {"bits": 3}, {"bits": 4, "group_size": 100}):
+        with pytest.raises(ValueError):
+            apply_quantization(_stack(), bad)
+
+
+def _tiny_checkpoint(tmp_path):
+    from engine.checkpoint import save_model
+    from engine.model import Transformer
+
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Transformer(config)
+    model.init_weights(int(torch.randint(0, 2**31, ()).item()))
+    save_model(model, config, tmp_path / "fp")
+    return model.eval(), tmp_path / "fp"
+
+
+@pytest.mark.parametrize("bits,group,tol", [(8, None, 0.03), (4, 32, 0.25)])
+def test_quantized_checkpoint_round_trip(tmp_path, bits, group, tol):
+    from engine.checkpoint import load_model
+
+    model, fp_dir = _tiny_checkpoint(tmp_path)
+    out = quantize_checkpoint(fp_dir, tmp_path / "q", bits, group)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["bits"] == bits and cfg["group_size"] == group and "lm_head" in cfg["modules_to_not_convert"]
+    qmodel, _ = load_model(out)
+    layer = qmodel.model.layers[1].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.bits == bits
+    assert isinstance(qmodel.lm_head, nn.Linear)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ref, got = model(ids), qmodel(ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < tol
+
+
+def test_cli_quantize(tmp_path):
+    from ember_cli.main import main
+
+    _, fp_dir = _tiny_checkpoint(tmp_path)
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(fp_dir), "--bits", "4"]) == 2
