@@ -11,9 +11,11 @@ import importlib
 import sys
 
 COMMANDS = [
+    "ember_cli.train",
     "ember_cli.generate",
     "ember_cli.data",
     "ember_cli.tokenizer",
+    "ember_cli.quantize",
 ]
 
 
