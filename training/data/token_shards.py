@@ -176,9 +176,20 @@ class WindowSampler:
             if len(self._plans) >= 2:  # readers move forward: keep the current and the next epoch
                 self._plans.pop(min(self._plans))
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch])
-                shift = int(rng.integers(0, self._max_shift + 1)) if self._shifting else 0
-                self._plans[epoch] = (shift, rng.permutation(self.windows_per_epoch))
+                key = _mix64(_mix64(np.array([self.seed], dtype=np.uint64)) ^ np.uint64(epoch))
+                shift = int(key[0] % np.uint64(self._max_shift + 1)) if self._shifting else 0
+                # Sorting by a bijective hash of the window index gives a seeded permutation
+                # defined by integer arithmetic alone, so it is the same on any numpy version.
+                order = np.argsort(_mix64(np.arange(self.windows_per_epoch, dtype=np.uint64) ^ _mix64(key)))
+                self._plans[epoch] = (shift, order)
             else:
                 self._plans[epoch] = (0, None)
         return self._plans[epoch]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a bijective integer hash."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
