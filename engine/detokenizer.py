@@ -6,7 +6,9 @@ word-boundary space of whichever token comes first in what it decodes. So each s
 short window twice, the already-emitted tokens of the window and the window plus the new token,
 and emits the difference (the scheme vLLM uses). The window starts a few tokens back, so the
 space of the new token is never the "first" one; text that ends in U+FFFD is held back until
-the character completes. Decoding is local, so the deltas add up to `decode(all ids)`.
+the character completes, and so is an open run of byte-fallback tokens under a decoder that
+decodes such runs as a whole. Decoding is otherwise local, so the deltas add up to
+`decode(all ids)`.
 """
 from __future__ import annotations
 
@@ -56,7 +58,20 @@ class IncrementalDetokenizer:
         """Release any held-back text (an incomplete character at the end of the stream shows as U+FFFD)."""
         return self._emit(final=True)
 
+    def _byte_run_open(self) -> bool:
+        grouped = self._tok.grouped_byte_ids
+        if not grouped:
+            return False
+        skipped = self._tok.all_special_ids if self.skip_special_tokens else ()
+        # Skipped special tokens vanish before decoding, so a byte run continues across them.
+        for token_id in reversed(self._ids[self._read :]):
+            if token_id not in skipped:
+                return token_id in grouped
+        return False
+
     def _emit(self, final: bool) -> str:
+        if not final and self._byte_run_open():
+            return ""  # the run of byte tokens is still open; its text may change
         decode = self._tok.decode
         skip = self.skip_special_tokens
         before = decode(self._ids[self._prefix : self._read], skip_special_tokens=skip)

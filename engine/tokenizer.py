@@ -132,6 +132,12 @@ class Tokenizer:
         return self._backend.special_ids
 
     @property
+    def grouped_byte_ids(self) -> frozenset[int]:
+        """Byte-fallback ids whose text is only final once a non-byte token follows (tokenizer.json's
+        ByteFallback decoder decodes a run of them as a whole); empty for SentencePiece."""
+        return self._backend.grouped_byte_ids
+
+    @property
     def bos_token(self) -> str | None:
         return self.special_tokens_map.get("bos_token")
 

@@ -7,10 +7,11 @@ transformers does: a token's text found in the input becomes that token's id.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from engine.errors import CheckpointError, InvalidRequestError
 
@@ -29,6 +30,8 @@ class _Backend:
 
     vocab_size: int
     special_ids: frozenset[int]
+    # Byte-fallback ids whose text depends on the whole run of adjacent byte ids (see HFTokenizersBackend).
+    grouped_byte_ids: frozenset[int] = frozenset()
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -189,6 +192,14 @@ def _with_normalizer_flag(serialized: bytes, name: str, value: bool) -> bytes:
     return proto.SerializeToString()
 
 
+def _uses_decoder(spec: Any, name: str) -> bool:
+    if isinstance(spec, dict):
+        return spec.get("type") == name or any(_uses_decoder(v, name) for v in spec.values())
+    if isinstance(spec, list):
+        return any(_uses_decoder(v, name) for v in spec)
+    return False
+
+
 class HFTokenizersBackend(_Backend):
     """A Hugging Face `tokenizer.json`, through the `tokenizers` library."""
 
@@ -207,6 +218,11 @@ class HFTokenizersBackend(_Backend):
             self._tok.add_tokens([tokenizers.AddedToken(t.content, special=False) for t in missing if not t.special])
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        # The ByteFallback decoder turns a run of byte tokens into text all at once, and into one
+        # U+FFFD per byte if the run is not valid UTF-8: a stray byte can undo characters before it.
+        if _uses_decoder(json.loads(self._tok.to_str()).get("decoder"), "ByteFallback"):
+            byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+            self.grouped_byte_ids = frozenset(i for i in byte_ids if i is not None)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
