@@ -107,6 +107,7 @@ def test_summary_counts_every_removal_by_reason(tmp_path):
     assert stages["filter"]["removed"]["too_short"]["chars"] == len("Tiny.")
     assert stages["exact_dedup"]["removed"]["duplicate"]["docs"] == 1
     assert stages["near_dedup"]["removed"]["near_duplicate"]["docs"] == 1
+    assert stages["near_dedup"]["removed"]["near_duplicate"]["examples"] == [f"{tmp_path / 'd.jsonl'}:15"]
     assert stages["near_dedup"]["docs_out"] == 10 == result.manifest["splits"]["train"]["num_documents"]
     table = result.summary_table()
     for word in ("clean", "empty", "too_short", "top_2gram", "exact_dedup", "near_duplicate", "kept"):

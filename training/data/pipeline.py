@@ -100,7 +100,7 @@ def prepare_data(
     stages = _Stages(config)
     writers = {name: ShardWriter(out, name, dtype, config.shard_tokens) for name in SPLITS}
     try:
-        _run(_labelled(inputs, val_inputs, config), stages, writers, _Executor(workers, config, loader), progress, config)
+        _run(_labelled(inputs, val_inputs, config), config, stages, writers, _Executor(workers, config, loader), progress)
     except BaseException:
         for writer in writers.values():  # leave no half-written shards behind
             writer.discard()
@@ -129,12 +129,13 @@ def prepare_data(
             writer.discard()
         raise DataError("no training documents left after cleaning, filtering, deduplication and the split:\n" + result.summary_table())
     if splits["val"]["num_documents"] == 0 and (val_inputs or config.val_fraction > 0):
-        manifest["warnings"].append("the validation split is empty (too few documents for val_fraction)")
+        why = "every validation document was filtered out" if val_inputs else "too few documents for val_fraction"
+        manifest["warnings"].append(f"the validation split is empty ({why})")
     write_manifest(out, manifest)
     return result
 
 
-def _run(stream, stages: "_Stages", writers: dict[str, ShardWriter], executor: "_Executor", progress: bool, config) -> None:
+def _run(stream, config: DataConfig, stages: "_Stages", writers: dict[str, ShardWriter], executor: "_Executor", progress: bool) -> None:
     """The streaming loop: per chunk, process in parallel, route through dedup, tokenize, write."""
     with executor:
         from tqdm import tqdm  # after the pool exists: tqdm starts a thread, and forking after threads is unsafe
@@ -183,22 +184,22 @@ class _Stages:
     def route(self, p: Processed) -> bool:
         """Count `p` at each stage it reaches; True if it survives them all."""
         if not p.text:
-            self.clean.drop("empty", p.chars_in)
+            self.clean.drop("empty", p.chars_in, p.source)
             return False
         n = len(p.text)
         self.clean.keep(p.chars_in, n)
         if p.reason:
-            self.filter.drop(p.reason, n)
+            self.filter.drop(p.reason, n, p.source)
             return False
         self.filter.keep(n)
         if self.exact is not None:
             if self._exact_index.is_duplicate(p.digest):
-                self.exact.drop("duplicate", n)
+                self.exact.drop("duplicate", n, p.source)
                 return False
             self.exact.keep(n)
         if self.near is not None:
             if self._near_index.is_duplicate(p.signature):
-                self.near.drop("near_duplicate", n)
+                self.near.drop("near_duplicate", n, p.source)
                 return False
             self.near.keep(n)
         self.kept += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+EXAMPLES_PER_REASON = 3  # sources ("path:line") kept per removal reason, to look at what a filter caught
+
 
 @dataclass
 class StageStats:
@@ -19,6 +21,7 @@ class StageStats:
     docs_out: int = 0
     chars_out: int = 0
     removed: dict[str, list[int]] = field(default_factory=dict)  # reason -> [documents, chars]
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few sources
 
     def keep(self, chars_in: int, chars_out: int | None = None) -> None:
         """Count a document that passes this stage (with its length before and after it)."""
@@ -27,13 +30,16 @@ class StageStats:
         self.docs_out += 1
         self.chars_out += chars_in if chars_out is None else chars_out
 
-    def drop(self, reason: str, chars: int) -> None:
+    def drop(self, reason: str, chars: int, source: str) -> None:
         """Count a document this stage removes, under `reason`."""
         self.docs_in += 1
         self.chars_in += chars
         entry = self.removed.setdefault(reason, [0, 0])
         entry[0] += 1
         entry[1] += chars
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(source)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the manifest."""
@@ -43,7 +49,10 @@ class StageStats:
             "docs_out": self.docs_out,
             "chars_in": self.chars_in,
             "chars_out": self.chars_out,
-            "removed": {reason: {"docs": d, "chars": c} for reason, (d, c) in sorted(self.removed.items())},
+            "removed": {
+                reason: {"docs": d, "chars": c, "examples": self.examples[reason]}
+                for reason, (d, c) in sorted(self.removed.items())
+            },
         }
 
 
