@@ -1,0 +1,268 @@
+"""The serving engine: requests in, incremental outputs out, one `step()` at a time.
+
+`Engine.step()` is the flow of DESIGN.md: schedule -> execute -> sample -> update. `AsyncEngine`
+runs that loop in the background for asyncio servers (see engine/async_engine.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ContextLengthError, EmberError, InvalidRequestError
+from engine.kv_cache import KVCacheManager
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.runner import ModelOutput, ModelRunner
+from engine.sampler import RowLogprobs, Sampler, SamplerOutput, SamplingRow, prompt_logprobs
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class StepError(EmberError):
+    """A model step failed; the requests in it (`request_ids`, user ids) were aborted, the engine goes on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics (prefix-cache figures in tokens, totals cumulative)."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    tokens_computed_total: int = 0  # tokens the model actually ran (prefix hits excluded)
+    num_steps: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Engine:
+    """Continuous-batching engine over a paged KV cache.
+
+    `Engine(config)` loads the checkpoint and tokenizer from `config.model`; tests and embedders may
+    pass an already built `model` (and `tokenizer`, None for token-ids-only use) instead.
+    """
+
+    def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = "load"):
+        self.config = config
+        if model is None:
+            model = self._load_model(config)
+        if isinstance(tokenizer, str) and tokenizer == "load":
+            from engine.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(config.model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_config = model.config
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
+                           self.max_model_len, self.model_config.max_position_embeddings)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                             f"must be at least max_model_len ({self.max_model_len})")
+        self.runner = ModelRunner(self.model, config, self.max_model_len)
+        if self.runner.num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {self.runner.num_blocks * config.block_size} tokens, less than "
+                             f"max_model_len {self.max_model_len}: raise kv_cache_tokens or lower max_model_len")
+        kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.outputs = OutputProcessor(tokenizer)
+        eos = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ()) or ())
+        self.eos_token_ids = frozenset(eos)
+        self.vocab_size = self.model_config.vocab_size
+        self.generators: dict[str, torch.Generator] = {}
+        self.groups: dict[str, list[str]] = {}  # user request id -> its choices' request ids
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @staticmethod
+    def _load_model(config: EngineConfig) -> torch.nn.Module:
+        from engine.checkpoint import load_config, load_model
+
+        device = torch.device(config.device or _default_device())
+        dtype = config.dtype
+        if dtype is None and device.type == "cuda" and load_config(config.model).torch_dtype in ("float32", None):
+            dtype = "bfloat16"
+        model, _ = load_model(config.model, dtype=dtype, device=str(device))
+        return model
+
+    # -- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request without queueing it; returns its resolved max_tokens.
+
+        Raises InvalidRequestError (or ContextLengthError) naming what to fix.
+        """
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", "params")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", "prompt")
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                      "prompt")
+        for name, ids in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(f"{name} has token ids outside the vocabulary (0..{self.vocab_size - 1})",
+                                          name)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine has none", "stop")
+        n_prompt = len(prompt_token_ids)
+        room = self.max_model_len - n_prompt
+        if room <= 0:
+            raise ContextLengthError(f"the prompt has {n_prompt} tokens but the model's context is "
+                                     f"{self.max_model_len} tokens (prompt plus output); shorten the prompt",
+                                     "prompt")
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ContextLengthError(f"the prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                                     f"the model's context of {self.max_model_len} tokens; lower max_tokens to "
+                                     f"at most {room} or shorten the prompt", "max_tokens")
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    priority: int = 0, lora: Any = None, arrival_time: float | None = None) -> None:
+        """Queue a request; raises InvalidRequestError / ContextLengthError before queueing anything."""
+        params = params if params is not None else SamplingParams()
+        prompt_token_ids = list(prompt_token_ids)
+        max_tokens = self.validate(prompt_token_ids, params)
+        ids = [request_id] + [f"{request_id}#{i}" for i in range(1, params.n)]
+        if request_id in self.groups or any(i in self.scheduler.requests for i in ids):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        requests = [Request(rid, prompt_token_ids, params, max_tokens, self.eos_token_ids, priority, lora,
+                            group_id=request_id, index=i, arrival_time=arrival) for i, rid in enumerate(ids)]
+        if params.seed is not None:
+            for r in requests:
+                self.generators[r.request_id] = self.sampler.make_generator(params.seed + r.index)
+        self.scheduler.add(requests[0], requests[1:])
+        self.outputs.add(request_id, requests)
+        self.groups[request_id] = ids
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final ("abort") output, None if unknown."""
+        ids = self.groups.pop(request_id, None)
+        if ids is None:
+            return None
+        for rid in ids:
+            self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
+            self.generators.pop(rid, None)
+        return self.outputs.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.groups)
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule -> execute -> sample -> update. Returns the outputs with news."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        try:
+            model_out = self.runner.execute(plan)
+            sampled = self._sample(plan, model_out)
+        except Exception as exc:  # fail this step's requests only
+            raise StepError(self._fail(plan), exc) from exc
+        touched = self.scheduler.update(plan, dict(zip(sampled.request_ids, sampled.output.token_ids)))
+        return self._make_outputs(touched, sampled)
+
+    def _sample(self, plan: SchedulerOutput, model_out: ModelOutput) -> "_Sampled":
+        ids = [s.request_id for s in plan.seqs if s.sample] + [child for child, _ in plan.forks]
+        rows = [model_out.sample_rows[s.request_id] for s in plan.seqs if s.sample]
+        rows += [model_out.sample_rows[parent] for _, parent in plan.forks]
+        reqs = [self.scheduler.requests[rid] for rid in ids]
+        batch = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.stop_ids,
+                             self.generators.get(r.request_id)) for r in reqs]
+        output = self.sampler(model_out.logits[rows], batch) if rows else None
+        scored = []
+        for rid, (row0, start, count) in model_out.prompt_rows.items():
+            req = self.scheduler.requests[rid]
+            count = min(count, req.num_prompt_tokens - 1 - start)  # the last prompt row predicts the output
+            if count > 0:
+                targets = req.prompt_token_ids[start + 1:start + 1 + count]
+                rows_lp = prompt_logprobs(model_out.logits[row0:row0 + count], targets, req.params.prompt_logprobs)
+                scored.append((req.group_id, start, rows_lp))
+        return _Sampled(ids, output or SamplerOutput([], []), scored)
+
+    def _make_outputs(self, touched: list[Request], sampled: "_Sampled") -> list[RequestOutput]:
+        for group_id, start, rows in sampled.prompt_logprobs:
+            self.outputs.record_prompt_logprobs(group_id, start, rows)
+        self.generation_tokens_total += len(sampled.request_ids)
+        logprobs = {rid: lp for rid, lp in zip(sampled.request_ids, sampled.output.logprobs) if lp is not None}
+        outputs, stopped = self.outputs.process(touched, logprobs)
+        for rid in stopped:  # ended by a stop string: release its blocks now
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED, req.stop_reason)
+        for out in outputs:
+            if out.finished:
+                for rid in self.groups.pop(out.request_id, []):
+                    self.generators.pop(rid, None)
+        return outputs
+
+    def _fail(self, plan: SchedulerOutput) -> list[str]:
+        failed_groups = []
+        for rid in plan.request_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is not None and req.group_id not in failed_groups:
+                failed_groups.append(req.group_id)
+        for gid in failed_groups:
+            self.abort_request(gid)
+        logger.exception("engine step failed; aborted %d request(s)", len(failed_groups))
+        return failed_groups
+
+    # -- observability --------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_used=s.kv.pool.num_used_blocks,
+            kv_blocks_total=s.kv.num_blocks,
+            prefix_cache_queries=s.stats.prefix_cache_queries,
+            prefix_cache_hits=s.stats.prefix_cache_hits,
+            num_preemptions=s.stats.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            tokens_computed_total=s.stats.tokens_computed,
+            num_steps=s.stats.steps,
+        )
+
+
+@dataclass
+class _Sampled:
+    request_ids: list[str]
+    output: SamplerOutput
+    prompt_logprobs: list[tuple[str, int, list[RowLogprobs]]]  # (group id, start position, rows)

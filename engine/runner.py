@@ -1,0 +1,157 @@
+"""SchedulerOutput -> flat batch tensors -> forward over the paged KV cache -> logits of the rows that matter.
+
+Two separate halves, so a faster "execute" (CUDA graphs) can replace the plain one without touching
+input preparation: `prepare_inputs` builds host tensors from block ids and token counts;
+`execute_model` runs the model and keeps only the logits rows the sampler (or prompt log-probs) needs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import KVCache, PagedAttention, PagedAttentionMetadata
+from engine.config import EngineConfig
+from engine.model import Transformer
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_MIN_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One step's flat batch: all scheduled tokens in one row (batch 1)."""
+
+    input_ids: torch.Tensor  # int64 [1, N]
+    positions: torch.Tensor  # int64 [1, N]
+    metadata: PagedAttentionMetadata
+    logits_indices: torch.Tensor  # int64 [M]: token rows whose logits are computed
+    sample_rows: dict[str, int]  # request id -> its row in the logits (last token of a finished prefill/decode)
+    prompt_rows: dict[str, tuple[int, int, int]]  # request id -> (first logits row, start position, count)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: torch.Tensor  # float32 [M, V]
+    sample_rows: dict[str, int]
+    prompt_rows: dict[str, tuple[int, int, int]]
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensors; turns scheduled token counts into logits."""
+
+    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
+        self.model = model
+        self.config = config
+        self.model_config = model.config
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.num_blocks = self._num_kv_blocks()
+        mc = self.model_config
+        self.kv_cache = KVCache(mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
+                                mc.head_dim, self.dtype, self.device)
+
+    # -- KV sizing ------------------------------------------------------------------------------
+    def _bytes_per_block(self) -> int:
+        mc = self.model_config
+        return KVCache.bytes_per_block(mc.num_hidden_layers, self.block_size, mc.num_key_value_heads, mc.head_dim,
+                                       self.dtype)
+
+    def _num_kv_blocks(self) -> int:
+        """Configured size, or on CUDA what is left of gpu_memory_utilization after a warm-up at full batch."""
+        if self.config.kv_cache_tokens is not None:
+            return self.config.kv_cache_tokens // self.block_size
+        if self.device.type != "cuda":
+            tokens = max(4 * self.max_model_len, CPU_DEFAULT_MIN_TOKENS)
+            return -(-tokens // self.block_size)
+        return self._measure_cuda_blocks()
+
+    @torch.inference_mode()
+    def _measure_cuda_blocks(self) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        hidden = self.model.hidden_states(ids)  # causal SDPA over the largest step
+        rows = min(self.config.max_num_seqs, n)
+        self.model.compute_logits(hidden[0, :rows]).float()
+        del hidden
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - used - (peak - current)
+        blocks = int(budget // self._bytes_per_block())
+        if blocks <= 0:
+            raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                               "raise gpu_memory_utilization or lower max_num_batched_tokens")
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size,
+                    blocks * self._bytes_per_block() / 2**30)
+        return blocks
+
+    # -- per step -------------------------------------------------------------------------------
+    def prepare_inputs(self, plan: SchedulerOutput) -> ModelInput:
+        """Host-side flattening of the scheduled sequences into batch tensors."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu = [0]
+        logits_indices: list[int] = []
+        sample_rows: dict[str, int] = {}
+        prompt_rows: dict[str, tuple[int, int, int]] = {}
+        max_blocks = max(len(s.block_ids) for s in plan.seqs)
+        tables = []
+        for seq in plan.seqs:
+            n, start = len(seq.token_ids), seq.start_pos
+            ids.extend(seq.token_ids)
+            pos = range(start, start + n)
+            positions.extend(pos)
+            table = seq.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            context_lens.append(start + n)
+            tables.append(list(table) + [0] * (max_blocks - len(table)))
+            if seq.prompt_logprobs:  # every row; the last one doubles as the sampling row
+                prompt_rows[seq.request_id] = (len(logits_indices), start, n)
+                logits_indices.extend(range(cu[-1], cu[-1] + n))
+                if seq.sample:
+                    sample_rows[seq.request_id] = len(logits_indices) - 1
+            elif seq.sample:
+                sample_rows[seq.request_id] = len(logits_indices)
+                logits_indices.append(cu[-1] + n - 1)
+            cu.append(cu[-1] + n)
+        dev = self.device
+        metadata = PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+            max_seqlen_q=max(len(s.token_ids) for s in plan.seqs),
+            max_context_len=max(context_lens),
+        )
+        return ModelInput(
+            input_ids=torch.tensor([ids], dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.tensor([positions], dtype=torch.long).to(dev, non_blocking=True),
+            metadata=metadata,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(dev, non_blocking=True),
+            sample_rows=sample_rows,
+            prompt_rows=prompt_rows,
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, inp: ModelInput) -> ModelOutput:
+        """Forward the flat batch over the paged cache; logits only for the wanted rows."""
+        attn = PagedAttention(self.kv_cache, inp.metadata, self.model_config.head_dim)
+        hidden = self.model.hidden_states(inp.input_ids, inp.positions, attn=attn)  # [1, N, d]
+        logits = self.model.compute_logits(hidden[0, inp.logits_indices]).float()  # [M, V]
+        return ModelOutput(logits=logits, sample_rows=inp.sample_rows, prompt_rows=inp.prompt_rows)
+
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        return self.execute_model(self.prepare_inputs(plan))
