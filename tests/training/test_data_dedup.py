@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from data_fixtures import edit_words, make_docs
 
-from training.data import DataConfig, Document, DedupConfig
+from training.data import DataConfig, DedupConfig, Document
 from training.data.dedup import dedup_key, shingles
 from training.data.pipeline import _Stages, process_documents
 

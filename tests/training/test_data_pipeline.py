@@ -23,7 +23,8 @@ def split_documents(shards: TokenShards) -> list[np.ndarray]:
     return [stream[s + 1:e] for s, e in zip(starts, ends)]
 
 
-def decoded(out, split, tokenizer=ByteTokenizer()) -> list[str]:
+def decoded(out, split, tokenizer=None) -> list[str]:
+    tokenizer = tokenizer or ByteTokenizer()
     return [tokenizer.decode(doc) for doc in split_documents(TokenShards(out, split))]
 
 

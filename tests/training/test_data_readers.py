@@ -92,7 +92,7 @@ def test_unsupported_file_type(tmp_path):
 def test_jsonl_line_without_field_names_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n{"text": "ok"}\n{"content": "wrong key"}\n')
-    with pytest.raises(DataError, match=rf"d.jsonl:3: no field 'text' \(fields: content\)"):
+    with pytest.raises(DataError, match=r"d.jsonl:3: no field 'text' \(fields: content\)"):
         list(iter_documents([f]))
 
 

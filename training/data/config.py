@@ -135,7 +135,7 @@ class DataConfig:
             raise DataError(f"shard_tokens must be >= 1, got {self.shard_tokens}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DataConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DataConfig:
         """Build from nested plain data (as read from YAML); unknown keys raise DataError naming `source`."""
         if not isinstance(data, dict):
             raise DataError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
@@ -149,7 +149,7 @@ class DataConfig:
         return _build(cls, kwargs, source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "DataConfig":
+    def from_yaml(cls, path: str | Path) -> DataConfig:
         """Load a YAML file laid out like configs/data/default.yaml."""
         import yaml
 
@@ -166,7 +166,7 @@ class DataConfig:
         """Plain nested data, as written into the manifest."""
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "DataConfig":
+    def replace(self, **changes: Any) -> DataConfig:
         """A copy with top-level fields changed (and validated again)."""
         return dataclasses.replace(self, **changes)
 

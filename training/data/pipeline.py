@@ -135,7 +135,7 @@ def prepare_data(
     return result
 
 
-def _run(stream, config: DataConfig, stages: "_Stages", writers: dict[str, ShardWriter], executor: "_Executor", progress: bool) -> None:
+def _run(stream, config: DataConfig, stages: _Stages, writers: dict[str, ShardWriter], executor: _Executor, progress: bool) -> None:
     """The streaming loop: per chunk, process in parallel, route through dedup, tokenize, write."""
     with executor:
         from tqdm import tqdm  # after the pool exists: tqdm starts a thread, and forking after threads is unsafe
@@ -211,7 +211,9 @@ class _Stages:
 
 def _labelled(inputs, val_inputs, config: DataConfig) -> Iterator[tuple[Document, str | None]]:
     """Documents tagged with a forced split ('val' / 'train') or None (decided by hash)."""
-    read = lambda paths: iter_documents(paths, config.text_field, config.doc_separator)  # noqa: E731
+    def read(paths):
+        return iter_documents(paths, config.text_field, config.doc_separator)
+
     if val_inputs:
         yield from ((doc, "val") for doc in read(val_inputs))
         yield from ((doc, "train") for doc in read(inputs))
@@ -284,7 +286,7 @@ class _Executor:
         batches = [items[i:i + size] for i in range(0, len(items), size)]
         return [r for batch in self._pool.map(task, batches, chunksize=1) for r in batch]
 
-    def __enter__(self) -> "_Executor":
+    def __enter__(self) -> _Executor:
         return self
 
     def __exit__(self, exc_type, *_) -> None:

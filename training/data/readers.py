@@ -38,8 +38,7 @@ class Document:
 def input_kind(path: Path) -> str | None:
     """'text', 'jsonl' or None (unsupported) from the file name; a trailing .gz is looked through."""
     name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = name.removesuffix(".gz")
     if name.endswith(TEXT_SUFFIXES):
         return "text"
     if name.endswith(JSONL_SUFFIXES):
@@ -208,4 +207,4 @@ def _supported() -> str:
     return "/".join(TEXT_SUFFIXES + JSONL_SUFFIXES) + " (optionally .gz)"
 
 
-__all__ = ["Document", "SEPARATOR_MODES", "input_kind", "iter_documents", "list_input_files", "read_jsonl", "read_text"]
+__all__ = ["SEPARATOR_MODES", "Document", "input_kind", "iter_documents", "list_input_files", "read_jsonl", "read_text"]

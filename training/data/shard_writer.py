@@ -53,7 +53,7 @@ class ShardWriter:
             self._open_next()
             current = self._shards[-1]
         self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        current["num_tokens"] += int(len(tokens))
+        current["num_tokens"] += len(tokens)
         current["num_documents"] += 1
 
     def close(self) -> dict[str, Any]:

@@ -16,8 +16,9 @@ rank r of W the slice starting at s*G + r*G//W, so any world size reads the same
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class TokenShards:
             shard += 1
         return out
 
-    def sampler(self, seq_len: int, seed: int = 0, shuffle: bool = True) -> "WindowSampler":
+    def sampler(self, seq_len: int, seed: int = 0, shuffle: bool = True) -> WindowSampler:
         """A `WindowSampler` over this split."""
         return WindowSampler(self, seq_len, seed=seed, shuffle=shuffle)
 
