@@ -16,6 +16,7 @@ COMMANDS = [
     "ember_cli.data",
     "ember_cli.tokenizer",
     "ember_cli.quantize",
+    "ember_cli.finetune",
 ]
 
 
