@@ -1,0 +1,78 @@
+"""From settings to a loaded engine: which checkpoint, which sizes, which served name.
+
+With no model given, the server serves the bundled default model (`models/ember-stories`); when a
+source checkout lacks it, a seeded tiny random model is written once to a cache directory instead,
+so `ember serve` always has something to serve.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from server.settings import ServerSettings
+
+log = logging.getLogger("ember.server")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = REPO_ROOT / "models" / "ember-stories"
+TINY_NAME = "ember-tiny-seed0"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EMBER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
+    return Path(base)
+
+
+def default_model_dir() -> Path:
+    """The bundled model, or a seeded tiny model created in the cache directory on first use."""
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return BUNDLED_MODEL
+    target = cache_dir() / TINY_NAME
+    if (target / "config.json").is_file():
+        return target
+    from training.tiny import make_tiny_checkpoint
+
+    log.warning("%s is missing; writing a seeded tiny random model to %s", BUNDLED_MODEL, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a concurrent start never sees half a checkpoint.
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        make_tiny_checkpoint(tmp, seed=0)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(settings: ServerSettings) -> Path:
+    return Path(settings.model) if settings.model else default_model_dir()
+
+
+def served_name(settings: ServerSettings, path: Path) -> str:
+    return settings.served_model_name or path.resolve().name
+
+
+def engine_config(settings: ServerSettings, path: Path) -> Any:
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=str(path), dtype=settings.dtype, device=settings.device, max_model_len=settings.max_model_len,
+        kv_cache_tokens=settings.kv_cache_tokens, gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching, seed=settings.seed,
+    )
+
+
+def build_engine(settings: ServerSettings, path: Path) -> Any:
+    """Load the model and build the (synchronous) engine; the app wraps it in an AsyncEngine."""
+    from engine.engine import Engine
+
+    return Engine(engine_config(settings, path))
