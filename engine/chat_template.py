@@ -129,8 +129,6 @@ def _plain(value: Any, where: str) -> Any:
     # Templates only ever see JSON-shaped data: no objects whose methods the sandbox would expose.
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):

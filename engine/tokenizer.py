@@ -186,7 +186,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`. Incomplete UTF-8 at the end shows as U+FFFD."""
+        """Text of `ids`. Incomplete UTF-8 at the end shows as U+FFFD; ids past the vocabulary
+        (padding rows of a larger embedding) have no text."""
         return self._backend.decode(ids, skip_special_tokens)
 
     # ---- chat

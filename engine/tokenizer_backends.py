@@ -48,11 +48,20 @@ class _Backend:
     def piece_to_id(self, piece: str) -> int | None:
         raise NotImplementedError
 
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+    def _checked_id(self, token_id: int) -> int:
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return token_id
+
+    def _known_ids(self, ids: Sequence[int]) -> list[int]:
+        # A model's embedding often has more rows than the tokenizer has tokens (padded to a
+        # multiple of 64 or 128); a sampled padding id has no text, as in transformers.
         ids = [int(i) for i in ids]
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if ids and min(ids) < 0:
+            raise InvalidRequestError(f"token id {min(ids)} is negative")
+        if ids and max(ids) >= self.vocab_size:
+            ids = [i for i in ids if i < self.vocab_size]
         return ids
 
 
@@ -84,7 +93,7 @@ class SentencePieceBackend(_Backend):
         self._proto = self._sp.serialized_model_proto()
         self._add_dummy_prefix = _normalizer_flag(self._proto, "add_dummy_prefix", default=True)
         self._sp_plain = None  # built on first use: the same model without the dummy prefix
-        base = self._sp.get_piece_size()
+        self._base = base = self._sp.get_piece_size()
 
         # Tokens decoded as their literal text rather than through SentencePiece: control and
         # unknown pieces (which SentencePiece decodes to "" / " ⁇ ") and everything added on top.
@@ -119,7 +128,8 @@ class SentencePieceBackend(_Backend):
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        ids = self._check_ids(ids)
+        # Ids between the model's pieces and the added tokens (if any gap) have no text either.
+        ids = [i for i in self._known_ids(ids) if i < self._base or i in self._literal]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         out: list[str] = []
@@ -145,7 +155,7 @@ class SentencePieceBackend(_Backend):
         run.clear()
 
     def id_to_piece(self, token_id: int) -> str:
-        token_id = self._check_ids([token_id])[0]
+        token_id = self._checked_id(token_id)
         if token_id in self._literal:
             return self._literal[token_id]
         return self._sp.id_to_piece(token_id)
@@ -220,7 +230,8 @@ class HFTokenizersBackend(_Backend):
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         # The ByteFallback decoder turns a run of byte tokens into text all at once, and into one
         # U+FFFD per byte if the run is not valid UTF-8: a stray byte can undo characters before it.
-        if _uses_decoder(json.loads(self._tok.to_str()).get("decoder"), "ByteFallback"):
+        decoder = self._tok.decoder
+        if decoder is not None and _uses_decoder(json.loads(decoder.__getstate__()), "ByteFallback"):
             byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
             self.grouped_byte_ids = frozenset(i for i in byte_ids if i is not None)
 
@@ -231,10 +242,10 @@ class HFTokenizersBackend(_Backend):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
-        return self._tok.id_to_token(self._check_ids([token_id])[0])
+        return self._tok.id_to_token(self._checked_id(token_id))
 
     def piece_to_id(self, piece: str) -> int | None:
         return self._tok.token_to_id(piece)

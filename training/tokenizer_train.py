@@ -28,6 +28,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Longest line (in characters) handed to SentencePiece; longer ones are cut at a space.
+_MAX_LINE = 8192
+
 TINY_CORPUS = Path(__file__).resolve().parent.parent / "engine" / "assets" / "tiny_corpus.txt"
 
 
@@ -66,7 +69,7 @@ def train_tokenizer(
             allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False,
             normalization_rule_name="identity",
-            max_sentence_length=1 << 16,
+            max_sentence_length=4 * _MAX_LINE,  # in bytes; a character is at most 4
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             user_defined_symbols=list(CHAT_TOKENS),
@@ -124,10 +127,25 @@ def _lines(inputs: Iterable[str | Path]) -> Iterator[str]:
         if isinstance(item, Path):
             opener = gzip.open if item.suffix == ".gz" else open
             with opener(item, "rt", encoding="utf-8", errors="replace") as f:
-                text_lines: Iterable[str] = f
-                yield from (line.rstrip("\r\n") for line in text_lines if line.strip())
+                yield from _nonempty(line.rstrip("\r\n") for line in f)
         else:
-            yield from (line for line in str(item).splitlines() if line.strip())
+            yield from _nonempty(str(item).splitlines())
+
+
+def _nonempty(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        if line.strip():
+            yield from _chunks(line)
+
+
+def _chunks(line: str, limit: int = _MAX_LINE) -> Iterator[str]:
+    # SentencePiece silently skips over-long sentences; cut them at spaces instead.
+    while len(line) > limit:
+        cut = line.rfind(" ", 0, limit)
+        cut = cut if cut > 0 else limit
+        yield line[:cut]
+        line = line[cut:]
+    yield line
 
 
 def _sample(lines: Iterator[str], limit: int | None, seed: int) -> list[str]:

@@ -137,7 +137,12 @@ def test_bad_inputs_give_clear_errors(dirs, tmp_path):
         Tokenizer.from_dir(tmp_path)
     tok = Tokenizer.from_dir(dirs["sentencepiece"])
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
-        tok.decode([5, tok.vocab_size])
+        tok.id_to_piece(tok.vocab_size)
+    with pytest.raises(InvalidRequestError, match="negative"):
+        tok.decode([5, -1])
+    # Padding rows of a larger embedding decode to nothing.
+    hi = tok.encode("hi", add_bos=False)
+    assert tok.decode(hi + [tok.vocab_size, tok.vocab_size + 7]) == "hi"
     with pytest.raises(InvalidRequestError, match="string"):
         tok.encode(["not", "a", "string"])
 

@@ -101,3 +101,10 @@ def test_inputs_accept_paths_and_texts(tmp_path):
     f.write_text("The small boat left the harbour.\n", encoding="utf-8")
     out = train_tokenizer([f, TINY_CORPUS.read_text(encoding="utf-8")], tmp_path / "tok", 400)
     assert Tokenizer.from_dir(out).vocab_size == 400
+
+
+def test_overlong_lines_are_cut_not_dropped(tmp_path):
+    # One 60k-character line without newlines (a whole document): SentencePiece alone would skip it.
+    line = " ".join(["Zoë sang softly"] * 4000)
+    tok = Tokenizer.from_dir(train_tokenizer([line], tmp_path / "tok", 300))
+    assert tok.token_to_id("\u2581softly") is not None
