@@ -8,6 +8,7 @@ the first occurrence in input order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from training.data.config import DedupConfig
@@ -29,14 +30,23 @@ def shingles(text: str, size: int) -> set[bytes]:
 
 def minhash_signature(text: str, config: DedupConfig):
     """A compact (picklable) MinHash of the text's shingles, or None for a text without words."""
-    from datasketch import LeanMinHash, MinHash
+    from datasketch import LeanMinHash
 
     grams = shingles(text, config.shingle_words)
     if not grams:
         return None
-    sketch = MinHash(num_perm=config.num_perm, seed=config.seed)
+    sketch = _empty_minhash(config.num_perm, config.seed).copy()
     sketch.update_batch(list(grams))
     return LeanMinHash(sketch)
+
+
+@functools.lru_cache(maxsize=4)
+def _empty_minhash(num_perm: int, seed: int):
+    # Drawing the permutations costs more than hashing a short document's shingles; copying
+    # an empty sketch reuses them. Callers only copy it, never update it.
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed)
 
 
 class ExactDeduplicator:
