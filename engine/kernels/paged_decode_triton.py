@@ -45,7 +45,9 @@ def _decode_kernel(
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
     start = split * split_len
-    end = tl.minimum(ctx, start + split_len)
+    # The last split runs to the context's end, so a stale max_context_len (say, one frozen in a
+    # CUDA graph) only costs balance, never correctness.
+    end = tl.where(split == tl.num_programs(2) - 1, ctx, tl.minimum(ctx, start + split_len))
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -132,8 +134,8 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """Decode attention, q [num_seqs, Hq, D] (one token each) -> out [num_seqs, Hq, D].
 
-    max_context_len is a host-side upper bound on context_lens used only to size the splits;
-    without it the block table's capacity is used (static, so safe under CUDA graphs).
+    max_context_len is a host-side estimate of the longest context, used only to size the splits
+    (any value gives correct results); without it the block table's capacity is used.
     num_splits overrides the heuristic (tests and benchmarks); `out` is an optional preallocated
     output (every element is written).
     """

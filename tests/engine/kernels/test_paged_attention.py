@@ -80,6 +80,18 @@ def test_decode_cpu_fp32_group7_and_padding_sequence():
     assert (out[1] == 0).all()
 
 
+def test_decode_cpu_stale_context_hint_is_still_exact():
+    """A max_context_len below the real contexts (as a captured CUDA graph may hold) changes only the split."""
+    from engine.kernels.paged_decode_triton import paged_decode_attention_triton
+
+    require_backend("cpu")
+    b = _batch("cpu", torch.float16, [1, 1], [300, 90], 8, 2, 32, 16)
+    out = torch.full_like(b.q, float("nan"))
+    paged_decode_attention_triton(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, 0.2,
+                                  max_context_len=200, num_splits=2, out=out)
+    assert_close_rel(out.float(), _expected(b, 0.2), TOL[torch.float16])
+
+
 def test_prefill_cpu_chunked_varlen():
     """Full prompts, a chunk continuing a cached prefix, and decode rows mixed in one batch."""
     from engine.kernels.paged_prefill_triton import paged_prefill_attention_triton
