@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from engine.errors import EmberError
+
 COMMANDS = [
     "ember_cli.train",
     "ember_cli.generate",
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, EmberError) as exc:  # user errors: one clear line, no traceback
         print(f"ember {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(rc or 0)
