@@ -47,7 +47,7 @@ def tile_config(m: int) -> TileConfig:
 @triton.jit
 def _int4_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, groups_per_split,
+    M, N, num_groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -66,8 +66,8 @@ def _int4_kernel(
     s_rows = s_ptr + n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     g_begin = pid_k * groups_per_split
-    # groups_per_split and the group count are multiples of UNROLL: no tail masks on K.
-    for g0 in range(g_begin, g_begin + groups_per_split, UNROLL):
+    # groups_per_split and num_groups are multiples of UNROLL: no tail masks on K.
+    for g0 in range(g_begin, tl.minimum(g_begin + groups_per_split, num_groups), UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
             b = tl.load(w_rows + g * HALF, mask=n_ok[:, None], other=0)
@@ -194,7 +194,7 @@ def quant_matmul_triton(
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if bits == 4:
         _int4_kernel[grid](
-            x2, qweight, scales, bias_arg, out, part, m, n_out, per_split * unroll,
+            x2, qweight, scales, bias_arg, out, part, m, n_out, groups, per_split * unroll,
             x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, UNROLL=unroll, **common,
         )

@@ -98,6 +98,13 @@ def test_triton_cpu_fp32_group64():
     _triton_case("cpu", torch.float32, 4, 2, 64, 192, 64, None, True)
 
 
+def test_triton_cpu_uneven_split():
+    """K steps not divisible by the split: the last split is shorter and must stop at K."""
+    require_backend("cpu")
+    _triton_case("cpu", torch.float16, 4, 2, 64, 384, 32, 2, False)  # 3 steps of 4 groups over 2 splits
+    _triton_case("cpu", torch.float16, 8, 2, 64, 384, None, 2, False)  # 3 steps of 128 over 2 splits
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300, 2048])
