@@ -19,6 +19,7 @@ COMMANDS = [
     "ember_cli.tokenizer",
     "ember_cli.quantize",
     "ember_cli.finetune",
+    "ember_cli.serve", "ember_cli.chat", "ember_cli.bench",
 ]
 
 
