@@ -45,7 +45,7 @@ def _check(device, dtype, t, hq, hkv, d, page, num_blocks, tol):
     rope_and_write_kv_triton(q, k, v, positions, cs, kc, vc, slots, out=out)
     expected = rope_and_write_kv_ref(q, k, v, positions, cs, kr, vr, slots)
     assert_close_rel(out.float(), expected.float(), tol)
-    torch.testing.assert_close(kc.float(), kr.float(), equal_nan=True, rtol=0, atol=tol * 4)
+    torch.testing.assert_close(kc.float(), kr.float(), equal_nan=True, rtol=2 * tol, atol=tol)
     torch.testing.assert_close(vc, vr, equal_nan=True, rtol=0, atol=0)
 
 
