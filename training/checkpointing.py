@@ -135,8 +135,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 # ---- what goes in: model, optimizer, RNG ----------------------------------------------------------------
 
+def _is_plain(model: nn.Module) -> bool:
+    """Single process and no DDP/FSDP wrapper: state dicts can be taken directly (DCP is slow to import)."""
+    inner = unwrap_model(model)
+    sharded = any(hasattr(p, "full_tensor") for p in inner.parameters())
+    return not is_distributed() and not sharded
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in unwrap_model(model).named_parameters()}
+
+
 def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict of a plain, DDP or FSDP2 model; empty on non-zero FSDP ranks."""
+    if _is_plain(model):
+        return {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -144,10 +157,44 @@ def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """Optimizer state keyed by parameter name (the layout of torch.distributed.checkpoint's full state)."""
+    if not _is_plain(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(unwrap_model(model), optimizer, options=opts)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(unwrap_model(model), optimizer, options=opts)
+    names = _param_names(model)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    raw = optimizer.state_dict()
+    state = {order[i]: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+             for i, entry in raw["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in raw["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _set_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if _is_plain(model):
+        unwrap_model(model).load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(unwrap_model(model), state, options=StateDictOptions(full_state_dict=True))
+
+
+def _set_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict[str, Any]) -> None:
+    if not _is_plain(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap_model(model), optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        return
+    names = _param_names(model)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    missing = sorted(set(osd["state"]) - set(index))
+    if missing:
+        raise ValueError(f"optimizer state names parameters this model does not train: {', '.join(missing[:3])}")
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups})
 
 
 def model_from_state(state: dict[str, torch.Tensor], config: ModelConfig) -> Transformer:
@@ -361,23 +408,17 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     The returned dict has `step` and `state` (what `save_checkpoint` was given). Works for plain, DDP
     and FSDP2 models (every rank reads the full tensors and keeps its shard). Call on every rank.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete training checkpoint")
     trainer_state = read_trainer_state(path)
     if trainer_state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {trainer_state.get('format_version')} is not {FORMAT_VERSION}")
-    opts = StateDictOptions(full_state_dict=True)
-    plain_model = unwrap_model(model)
-    model_state = load_model_state(path)
-    set_model_state_dict(plain_model, model_state, options=opts)
+    _set_model_state(model, load_model_state(path))
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"))
         plain = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-        set_optimizer_state_dict(plain_model, optimizer, _join_optimizer_state(tensors, plain), options=opts)
+        _set_optim_state(model, optimizer, _join_optimizer_state(tensors, plain))
     if scheduler is not None and trainer_state.get("scheduler") is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     if restore_rng:
