@@ -5,8 +5,9 @@ its share of K, converting weight codes to the activation dtype in registers and
 tensor cores (tl.dot). For decode (M <= 16) BLOCK_M is 16 and, when the N tiles alone cannot
 fill the GPU, K is split across programs whose fp32 partials a second small kernel sums; so the
 packed weights are read exactly once per call. int4 scales are applied once per group after
-the group's dot, and the -8 offset is folded in with the row sums of x:
-    sum_k x_k (c_k - 8) s = s * (dot(x, c) - 8 * sum_k x_k).
+the group's dot, and code offsets are folded in with the row sums of x:
+    sum_k x_k (c_k - 8) s = s * (dot(x, MAGIC + c) - (MAGIC + 8) * sum_k x_k),
+where MAGIC + c is built by bit operations (see _codes_as).
 From DEQUANT_MIN_M rows on, the weight is dequantized once and cuBLAS does the matmul.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import triton.language as tl
 from engine.kernels._triton_util import num_sms
 
 DEQUANT_MIN_M = 1024
+# Float whose mantissa's last bit is worth 1, per activation dtype (see _codes_as).
+_MAGIC = {torch.float16: 1024, torch.bfloat16: 128}
 INT8_BLOCK_K = 128  # int8 bytes per row per step
 
 
@@ -45,12 +48,29 @@ def tile_config(m: int) -> TileConfig:
 
 
 @triton.jit
+def _codes_as(c, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """4-bit codes c (0..15) as `dtype` values MAGIC + c.
+
+    For 16-bit floats the code is OR-ed into the mantissa of MAGIC (1024 in fp16, 128 in bf16,
+    where the mantissa's last bit is worth 1): bit operations instead of int-to-float
+    conversions, whose throughput would cap a decode GEMV below memory speed. The caller removes
+    MAGIC with the row sums of x. fp32 (MAGIC = 0) converts plainly.
+    """
+    if MAGIC == 1024:
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    elif MAGIC == 128:
+        return (c.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    else:
+        return c.to(dtype)
+
+
+@triton.jit
 def _int4_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, num_groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
-    GROUP: tl.constexpr, UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
@@ -74,11 +94,11 @@ def _int4_kernel(
             x_lo = tl.load(x_rows + g * GROUP, mask=m_ok[:, None], other=0.0)
             x_hi = tl.load(x_rows + g * GROUP + HALF, mask=m_ok[:, None], other=0.0)
             s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
-            lo = (b & 15).to(x_lo.dtype)
-            hi = (b >> 4).to(x_lo.dtype)
+            lo = _codes_as(b & 15, x_lo.dtype, MAGIC)
+            hi = _codes_as(b >> 4, x_lo.dtype, MAGIC)
             d = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))  # [BLOCK_M, BLOCK_N]
             x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)
-            acc += (d - 8.0 * x_sum[:, None]) * s[None, :]
+            acc += (d - (MAGIC + 8.0) * x_sum[:, None]) * s[None, :]
     _epilogue(acc, bias_ptr, out_ptr, part_ptr, m, n, M, N, stride_om, pid_k, SPLIT, HAS_BIAS)
 
 
@@ -196,7 +216,7 @@ def quant_matmul_triton(
         _int4_kernel[grid](
             x2, qweight, scales, bias_arg, out, part, m, n_out, groups, per_split * unroll,
             x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, UNROLL=unroll, **common,
+            GROUP=group, UNROLL=unroll, MAGIC=_MAGIC.get(x.dtype, 0), **common,
         )
     else:
         _int8_kernel[grid](
