@@ -124,24 +124,3 @@ def test_dispatchers_gpu_3d_input():
     q4, s4 = quantize_int4(w, 128, torch.bfloat16)
     assert_close_rel(int4_matmul(x, q4, s4).float(), int4_matmul_ref(x.float(), q4, s4), TOL[torch.bfloat16])
 
-
-def test_int4_codes_bit_trick_per_dtype():
-    """MAGIC + code built from bits equals the arithmetic value in bf16, fp16 and fp32 (dot-free check,
-    so bf16 is exact under the interpreter too)."""
-    require_backend("cpu")
-    import triton
-    import triton.language as tl
-
-    from engine.kernels.quant_matmul_triton import _MAGIC, _codes_as
-
-    @triton.jit
-    def _probe(c_ptr, o_ptr, MAGIC: tl.constexpr, DT: tl.constexpr):
-        i = tl.arange(0, 16)
-        tl.store(o_ptr + i, _codes_as(tl.load(c_ptr + i), DT, MAGIC).to(tl.float32))
-
-    codes = torch.randperm(16).to(torch.uint8)
-    for dtype, tl_dtype in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16), (torch.float32, tl.float32)):
-        magic = _MAGIC.get(dtype, 0)
-        out = torch.full((16,), float("nan"))
-        _probe[(1,)](codes, out, MAGIC=magic, DT=tl_dtype)
-        assert torch.equal(out, codes.float() + magic), dtype
