@@ -266,3 +266,12 @@ class _Sampled:
     request_ids: list[str]
     output: SamplerOutput
     prompt_logprobs: list[tuple[str, int, list[RowLogprobs]]]  # (group id, start position, rows)
+
+
+def __getattr__(name: str):
+    # AsyncEngine lives in engine/async_engine.py (it imports this module); the API also names it here.
+    if name == "AsyncEngine":
+        from engine.async_engine import AsyncEngine
+
+        return AsyncEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
