@@ -62,6 +62,11 @@ def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, magnitude: torch
     return (scale - 1) * base_out + scale * lora_out
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit layer (its weight carries a quant_state)."""
+    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
+
+
 def base_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense [out, in] weight of a linear layer; NF4/FP4 (bitsandbytes Linear4bit) weights are dequantized."""
     weight = layer.weight
@@ -211,7 +216,7 @@ class LoraLinear(nn.Module):
         """Fold the adapter into the base weight in place (the forward then skips the adapter)."""
         if self.merged:
             return
-        if not isinstance(self.base_layer, nn.Linear):
+        if is_quantized(self.base_layer) or not isinstance(self.base_layer, nn.Linear):
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} in place; "
                             "merge into a full-precision base instead (merge_adapters on a dense model)")
         weight = self.base_layer.weight
@@ -331,7 +336,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """
     for path, module in list(lora_modules(model)):
         base = module.base_layer
-        if isinstance(base, nn.Linear):
+        if isinstance(base, nn.Linear) and not is_quantized(base):
             module.merge()
             dense = base
         else:
