@@ -181,3 +181,14 @@ def test_scraped_values_reflect_the_traffic(stack) -> None:
     assert total(f'sum(ember_http_requests_total{{route="/v1/completions", status="200"}})') >= 4
     ttft_count = total(f'sum(ember_time_to_first_token_seconds_count{{{model}, adapter="base"}})')
     assert ttft_count >= stack["sent"]["ok"]
+
+
+def test_panel_renderer_draws_live_data(stack, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "panel.png"
+    result = subprocess.run([sys.executable, str(DEPLOY / "grafana" / "render_panel.py"), "--prometheus",
+                             stack["prometheus"].url, "--panel", "Tokens/s in and out", "--minutes", "2",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 series" in result.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
