@@ -110,7 +110,10 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_key, public_routes=settings.public_routes,
                        on_reject=lambda: metrics.reject("auth"))
-    app.add_middleware(AccessLogMiddleware, state_getter=lambda: state)
+    # Routes by template, to label requests refused before routing (401, 413) with their route.
+    templates = [r for r in app.router.routes if hasattr(r, "path")]
+    templates += [r for router in (openai.router, tokenize.router, ops.router) for r in router.routes]
+    app.add_middleware(AccessLogMiddleware, state_getter=lambda: state, routes=lambda: templates)
     return app
 
 

@@ -18,7 +18,7 @@ from engine.outputs import RequestOutputAccumulator
 from server.admission import Slot
 from server.disconnect import run_until_disconnect
 from server.errors import APIError, bad_request
-from server.generation import run_prompts
+from server.generation import EngineRun
 from server.models import Target
 from server.protocol.common import UsageInfo
 from server.state import ServerState
@@ -55,16 +55,16 @@ class Job:
         """Engine sequences this job occupies (each of n choices of each prompt is one)."""
         return len(self.prompts) * self.params.n
 
-    def outputs(self) -> AsyncIterator[tuple[int, Any]]:
-        """`(prompt_index, RequestOutput delta)` for every engine output of every prompt."""
+    def start(self) -> EngineRun:
+        """Hand every prompt to the engine; iterate the result for `(prompt_index, RequestOutput delta)`."""
         trackers = [GenerationTracker(self.state.metrics, self.record, len(p)) for p in self.prompts]
-        return run_prompts(self.state.engine, self.prompts, self.params, self.request_id, trackers,
-                           self.target.adapter)
+        return EngineRun(self.state.engine, self.prompts, self.params, self.request_id, trackers,
+                         self.target.adapter)
 
     async def collect(self) -> list[Any]:
         """Run to completion; the cumulative RequestOutput of each prompt, in prompt order."""
         accs = [RequestOutputAccumulator() for _ in self.prompts]
-        async with aclosing(self.outputs()) as outs:
+        async with aclosing(self.start()) as outs:
             async for i, out in outs:
                 accs[i].add(out)
         return [acc.result for acc in accs]

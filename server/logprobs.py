@@ -16,6 +16,18 @@ def _top_dict(entry: Any) -> dict[str, float]:
     return out
 
 
+def prompt_offsets(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Where each prompt token's text starts in the decoded prompt (special tokens take no room)."""
+    from engine.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tokenizer)
+    offsets, length = [], 0
+    for tok_id in ids:
+        offsets.append(length)
+        length += len(detok.add(tok_id))
+    return offsets
+
+
 class LegacyLogprobs:
     """Builds `CompletionLogprobs` pieces with text offsets that continue across stream chunks."""
 
@@ -23,10 +35,14 @@ class LegacyLogprobs:
         self.offset = offset
         self.with_top = with_top
 
-    def build(self, entries: Sequence[Any | None], token_ids: Sequence[int], tokenizer: Any) -> CompletionLogprobs:
-        """`entries[i]` is the engine's TokenLogprobs of token `token_ids[i]`, or None (first prompt token)."""
+    def build(self, entries: Sequence[Any | None], token_ids: Sequence[int], tokenizer: Any,
+              offsets: Sequence[int] | None = None) -> CompletionLogprobs:
+        """`entries[i]` is the engine's TokenLogprobs of token `token_ids[i]`, or None (first prompt token).
+
+        Text offsets continue from `self.offset` by each token's length, unless `offsets` gives them.
+        """
         out = CompletionLogprobs()
-        for entry, tok_id in zip(entries, token_ids):
+        for i, (entry, tok_id) in enumerate(zip(entries, token_ids)):
             if entry is None:
                 text = tokenizer.decode([tok_id], skip_special_tokens=False)
                 out.tokens.append(text)
@@ -37,7 +53,7 @@ class LegacyLogprobs:
                 out.tokens.append(text)
                 out.token_logprobs.append(entry.token.logprob)
                 out.top_logprobs.append(_top_dict(entry) if self.with_top else None)
-            out.text_offset.append(self.offset)
+            out.text_offset.append(self.offset if offsets is None else offsets[i])
             self.offset += len(text)
         return out
 

@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
@@ -25,9 +26,10 @@ QUIET_ROUTES = ("/health", "/live", "/metrics")  # probes and scrapes log at deb
 class AccessLogMiddleware:
     """One structured log line and one `ember_http_requests_total` increment per HTTP request."""
 
-    def __init__(self, app: ASGIApp, state_getter: Callable[[], Any]):
+    def __init__(self, app: ASGIApp, state_getter: Callable[[], Any], routes: Callable[[], list] = list):
         self.app = app
         self.state_getter = state_getter
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,8 +59,7 @@ class AccessLogMiddleware:
 
     def _account(self, scope: Scope, status: int, duration: float, record: Any) -> None:
         state = self.state_getter()
-        route = scope.get("route")
-        route_path = getattr(route, "path", None) or "unmatched"
+        route_path = _route_path(scope, self.routes())
         metrics = state.metrics
         metrics.http_requests.labels(route_path, scope["method"], str(status)).inc()
         if route_path in GENERATION_ROUTES and status >= 400 and not _is_rejection(status, state):
@@ -72,6 +73,14 @@ class AccessLogMiddleware:
             line.update(record.fields())
         level = logging.DEBUG if route_path in QUIET_ROUTES else logging.INFO
         request_log.log(level, json.dumps(line, ensure_ascii=False))
+
+
+def _route_path(scope: Scope, routes: list) -> str:
+    """The matched route's template (a bounded label); requests stopped before routing are matched here."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _is_rejection(status: int, state: Any) -> bool:

@@ -97,10 +97,11 @@ async def stream_chat(job: Job, spec: ChatSpec) -> AsyncIterator[dict]:
             out["usage"] = job.usage(sum(tokens.values())).model_dump() if spec.continuous_usage else None
         return out
 
-    for j in tokens:
-        yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None})
-    async with aclosing(job.outputs()) as outputs:
+    async with aclosing(job.start()) as outputs:
+        await outputs.started()  # the role deltas below then mean "queued in the engine"
+        for j in tokens:
+            yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})
         async for _, out in outputs:
             for c in out.outputs:
                 tokens[c.index] = c.num_tokens

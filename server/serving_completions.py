@@ -13,7 +13,7 @@ from fastapi import Request
 
 from server.errors import bad_request
 from server.job import Job, new_id, new_record
-from server.logprobs import LegacyLogprobs
+from server.logprobs import LegacyLogprobs, prompt_offsets
 from server.params import check_prompt_length, check_token_ids, resolve_max_tokens, sampling_params
 from server.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
 from server.state import ServerState
@@ -72,7 +72,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request: Requ
 
 
 def _prompt_logprobs(job: Job, i: int, entries: list | None, builder: LegacyLogprobs) -> Any:
-    return builder.build(entries or [None] * len(job.prompts[i]), job.prompts[i], job.state.tokenizer)
+    ids, tok = job.prompts[i], job.state.tokenizer
+    return builder.build(entries or [None] * len(ids), ids, tok, offsets=prompt_offsets(tok, ids))
 
 
 async def complete(job: Job, spec: CompletionSpec) -> dict:
@@ -111,7 +112,7 @@ async def stream_completion(job: Job, spec: CompletionSpec) -> AsyncIterator[dic
     builders: dict[int, LegacyLogprobs] = {}
     prompt_lps: dict[int, list] = {}  # the engine sends them once per prompt, on its first output
     base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model}
-    async with aclosing(job.outputs()) as outputs:
+    async with aclosing(job.start()) as outputs:
         async for i, out in outputs:
             if out.prompt_logprobs is not None:
                 prompt_lps.setdefault(i, out.prompt_logprobs)

@@ -1,0 +1,53 @@
+"""Fixtures for server tests: a seeded tiny model and real uvicorn servers on loopback."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.settings import ServerSettings
+from server.testing import LiveServer
+
+API_KEY = "sk-ember-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random 2-layer, 64-wide Llama with a 512-token SentencePiece vocabulary."""
+    from training.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@contextlib.contextmanager
+def running_server(model: Path, **overrides) -> Iterator[LiveServer]:
+    """An app on a real uvicorn server; returns once /health answers (the socket listens from the start)."""
+    options = dict(model=str(model), served_model_name="tiny", max_model_len=256, kv_cache_tokens=8192,
+                   max_num_seqs=8)
+    options.update(overrides)
+    app = create_app(ServerSettings(**options))
+    srv = LiveServer(app).start()
+    try:
+        headers = {"Authorization": f"Bearer {options['api_key'][0]}"} if options.get("api_key") else {}
+        health = httpx.get(srv.url + "/health", headers=headers, timeout=120)
+        assert health.status_code == 200, health.text
+        yield srv
+    finally:
+        srv.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics as {(sample name, frozenset of label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
