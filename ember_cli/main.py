@@ -20,6 +20,7 @@ COMMANDS = [
     "ember_cli.quantize",
     "ember_cli.finetune",
     "ember_cli.serve", "ember_cli.chat", "ember_cli.bench",
+    "ember_cli.eval",
 ]
 
 
