@@ -12,6 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompts-file", help="JSONL, one {\"prompt\"|\"prompt_ids\", sampling fields...} a line: "
+                     "all run through the batching engine, one JSON line out per prompt in input order")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (--prompts-file)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (--prompts-file)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -44,6 +48,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from engine.generate import generate_reference
     from engine.tokenizer import Tokenizer
 
+    if args.prompts_file:
+        from ember_cli.generate_batch import run_prompts_file
+
+        return run_prompts_file(args)
     if args.max_tokens < 0:
         raise ValueError("--max-tokens must be >= 0")
     if args.temperature < 0:
