@@ -35,7 +35,9 @@ class LocalModel:
         self.name = name
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        self.max_length = int(model.config.max_position_embeddings)
+        # One position is left free, as a server must leave room for a generated token: both
+        # backends then cut over-long requests identically.
+        self.max_length = int(model.config.max_position_embeddings) - 1
         self._llm: Any = None
 
     @classmethod
@@ -152,6 +154,6 @@ class LocalModel:
             from engine.engine import Engine
             from engine.llm import LLM
 
-            config = EngineConfig(device=str(self.device), max_model_len=self.max_length)
+            config = EngineConfig(device=str(self.device), max_model_len=self.max_length + 1)
             self._llm = LLM(engine=Engine(config, model=self.model, tokenizer=self.tokenizer))
         return self._llm

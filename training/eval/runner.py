@@ -97,7 +97,8 @@ def _perplexity(spec: TaskSpec, lm: LanguageModel, options: EvalOptions, path, s
     text = text[int(len(text) * lo):int(len(text) * hi)]
     if not text.strip():
         raise EvalError(f"{path}: the text range {lo}:{hi} is empty")
-    seq_len = options.seq_len or min(lm.max_length or 2048, 2048)
+    # Default: the largest power of two the model takes, at most 2048 (the same for every backend).
+    seq_len = options.seq_len or min(2048, 1 << ((lm.max_length or 2048).bit_length() - 1))
     if lm.max_length and seq_len > lm.max_length:
         raise EvalError(f"--seq-len {seq_len} exceeds the model's limit of {lm.max_length} tokens")
     stride = options.stride or max(1, seq_len // 2)
