@@ -1,6 +1,7 @@
 """docker-compose.yml: valid against the Compose specification, and everything it mounts exists."""
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -94,22 +95,33 @@ def test_server_settings_match_the_image_and_prometheus() -> None:
     assert f"ember:{SERVER_PORT}" in PROMETHEUS_CONFIG.read_text()
 
 
+def _output_path(command: list[str]) -> str:
+    """Where a training command writes: --out DIR, or out_dir=DIR inside a shell script."""
+    if "--out" in command:
+        return command[command.index("--out") + 1]
+    match = re.search(r"\bout_dir=(\S+)", " ".join(command))
+    assert match, f"no output in {command}"
+    return match.group(1)
+
+
 def test_training_writes_where_the_server_reads() -> None:
     services = _resolved("train")["services"]
     server = _resolved("gpu")["services"]["ember"]
     server_volumes = {v["source"]: v["target"] for v in server["volumes"] if v["type"] == "volume"}
-    for job, output_flag in (("train", "out_dir="), ("finetune", "--out")):
+    for job in ("train", "finetune"):
         spec = services[job]
-        command = spec["command"]
-        if output_flag.endswith("="):
-            out = next(arg.split("=", 1)[1] for arg in command if arg.startswith(output_flag))
-        else:
-            out = command[command.index(output_flag) + 1]
+        out = _output_path(spec["command"])
         writable = [v for v in spec["volumes"] if v["type"] == "volume" and not v.get("read_only")]
         mount = next((v for v in writable if out.startswith(v["target"] + "/")), None)
         assert mount, f"{job} writes {out}, which is on no writable volume"
         assert server_volumes.get(mount["source"]) == mount["target"], \
             f"the server does not mount volume {mount['source']} at {mount['target']}"
+
+
+def test_training_config_named_by_default_is_in_the_repository() -> None:
+    script = " ".join(_resolved("train")["services"]["train"]["command"])
+    config = re.search(r"--config /opt/ember/configs/(\S+)", script).group(1)
+    assert (REPO / "configs" / config).exists(), f"configs/{config} (copied into the image) does not exist"
 
 
 def _seconds(value) -> float:
