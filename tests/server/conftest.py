@@ -51,3 +51,22 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
 
 def sample(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def wait_until(url: str, predicate, timeout: float = 60.0) -> dict:
+    """Scrape /metrics until `predicate(samples)` holds (a condition wait, not a fixed sleep)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError("metrics never reached the expected state")
+        time.sleep(0.02)
+
+
+def engine_idle(samples: dict) -> bool:
+    return (sample(samples, "ember_requests_running", model="tiny") == 0
+            and sample(samples, "ember_requests_waiting", model="tiny") == 0)
