@@ -30,7 +30,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# ---- builder: a self-contained virtualenv at /opt/ember/venv ------------------------------------
+# ---- builder: a self-contained virtualenv at /opt/ember/venv (pip removed once it is filled) ----
 FROM python-base AS builder
 ARG VARIANT
 ARG TORCH_VERSION=2.11.0
@@ -56,7 +56,8 @@ COPY ember_cli ./ember_cli
 # The project's dependency ranges live in pyproject.toml; the built image (by tag or digest) is the
 # reproducible artefact that gets promoted, not a rebuild.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[server,train]"
+RUN pip install --no-cache-dir ".[server,train]" \
+    && python -m pip uninstall --yes pip
 
 # ---- final stage, per variant ---------------------------------------------------------------------
 FROM python-base AS final-cpu
@@ -98,7 +99,7 @@ ENV PATH=/opt/ember/venv/bin:$PATH \
     EMBER_LORA_ROOT=/adapters
 
 USER 10001:10001
-WORKDIR /opt/ember
+WORKDIR /home/ember
 VOLUME ["/models", "/adapters"]
 EXPOSE 8000
 

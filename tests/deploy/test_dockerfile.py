@@ -132,6 +132,8 @@ def test_no_build_tools_in_the_final_image(dockerfile, variant: str) -> None:
     # pip and the virtualenv module stay in the builder; the final image only receives the venv.
     assert "python3-venv" not in packages
     assert "python3-venv" in _installed_packages([dockerfile.stage("builder")])
+    builder_runs = " ".join(rest for kw, rest in dockerfile.stage("builder").instructions if kw == "RUN")
+    assert "pip uninstall --yes pip" in builder_runs, "the copied virtualenv would still carry pip"
 
 
 def test_copied_sources_exist_and_are_not_dockerignored(dockerfile) -> None:
