@@ -181,11 +181,13 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
-        xa = x.to(self.lora_A.weight.dtype)
         if not self.use_dora:
+            # Under autocast the matmuls pick their own dtype; an fp32 copy of the activations would only cost memory.
+            xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
             out = lora_delta(self.lora_dropout(xa), self.lora_A.weight, self.lora_B.weight, self.scaling)
             return result + out.to(result.dtype)
-        return result + self._dora_extra(xa, result).to(result.dtype)
+        # DoRA's weight norms are taken in the adapter's dtype (fp32), as peft does.
+        return result + self._dora_extra(x.to(self.lora_A.weight.dtype), result).to(result.dtype)
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         weight = base_weight(self.base_layer, x.dtype)  # [out, in]

@@ -37,4 +37,4 @@ def perplexity(model_dir: str | os.PathLike, data: str | os.PathLike, *, adapter
     with torch.no_grad():
         metrics = mean_loss_metrics(model, micro)
     return {"model": str(model_dir), "adapter": adapter_dir, "data": str(data), "range": list(char_range),
-            "windows": len(examples), **metrics}
+            "seq_len": seq_len, "windows": len(examples), **metrics}
