@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from engine.adapters import AdapterRef, AdapterRegistry, AdapterServingConfig
 from engine.config import EngineConfig
 from engine.errors import ContextLengthError, EmberError, InvalidRequestError
 from engine.kv_cache import KVCacheManager
@@ -50,6 +51,9 @@ class EngineStats:
     generation_tokens_total: int
     tokens_computed_total: int = 0  # tokens the model actually ran (prefix hits excluded)
     num_steps: int = 0
+    lora_adapters_resident: int = 0  # adapters loaded (serving-ready)
+    lora_adapters_on_device: int = 0  # adapter versions in device slots
+    lora_evictions: int = 0  # cumulative slot evictions
 
     @property
     def kv_usage(self) -> float:
@@ -67,7 +71,8 @@ class Engine:
     pass an already built `model` (and `tokenizer`, None for token-ids-only use) instead.
     """
 
-    def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = "load"):
+    def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = "load",
+                 adapters: AdapterServingConfig | None = None):
         self.config = config
         if model is None:
             model = self._load_model(config)
@@ -85,13 +90,17 @@ class Engine:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
                              f"must be at least max_model_len ({self.max_model_len})")
-        self.runner = ModelRunner(self.model, config, self.max_model_len)
+        # Adapter slots are allocated before the KV cache is sized, so the cache leaves room for them.
+        self.adapters = AdapterRegistry(self.model, adapters) if adapters is not None else None
+        self.adapter_refs: dict[str, AdapterRef] = {}  # user request id -> its adapter version
+        self.runner = ModelRunner(self.model, config, self.max_model_len, adapters=self.adapters)
         if self.runner.num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"the KV cache holds {self.runner.num_blocks * config.block_size} tokens, less than "
                              f"max_model_len {self.max_model_len}: raise kv_cache_tokens or lower max_model_len")
         kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+                                   config.enable_chunked_prefill,
+                                   adapter_fit=self.adapters.fits if self.adapters is not None else None)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.outputs = OutputProcessor(tokenizer)
         eos = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "eos_ids", ()) or ())
@@ -157,6 +166,7 @@ class Engine:
         if request_id in self.groups or any(i in self.scheduler.requests for i in ids):
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        lora = self._acquire_adapter(request_id, lora)
         requests = [Request(rid, prompt_token_ids, params, max_tokens, self.eos_token_ids, priority, lora,
                             group_id=request_id, index=i, arrival_time=arrival) for i, rid in enumerate(ids)]
         if params.seed is not None:
@@ -167,11 +177,28 @@ class Engine:
         self.groups[request_id] = ids
         self.prompt_tokens_total += len(prompt_token_ids)
 
+    def _acquire_adapter(self, request_id: str, lora: Any) -> Any:
+        """Pin the current version of the named adapter for this request (released when it ends)."""
+        if lora is None or self.adapters is None:
+            if lora is not None:
+                raise InvalidRequestError(f"adapter {lora!r} asked for, but this engine serves no adapters "
+                                          "(start it with LoRA serving enabled)", "model")
+            return None
+        ref = self.adapters.acquire(lora)
+        self.adapter_refs[request_id] = ref
+        return ref
+
+    def _release_adapter(self, request_id: str) -> None:
+        ref = self.adapter_refs.pop(request_id, None)
+        if ref is not None:
+            self.adapters.release(ref)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final ("abort") output, None if unknown."""
         ids = self.groups.pop(request_id, None)
         if ids is None:
             return None
+        self._release_adapter(request_id)
         for rid in ids:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
             self.generators.pop(rid, None)
@@ -230,6 +257,7 @@ class Engine:
             if out.finished:
                 for rid in self.groups.pop(out.request_id, []):
                     self.generators.pop(rid, None)
+                self._release_adapter(out.request_id)
         return outputs
 
     def _fail(self, plan: SchedulerOutput) -> list[str]:
@@ -258,6 +286,7 @@ class Engine:
             generation_tokens_total=self.generation_tokens_total,
             tokens_computed_total=s.stats.tokens_computed,
             num_steps=s.stats.steps,
+            **(self.adapters.stats() if self.adapters is not None else {}),
         )
 
 

@@ -6,8 +6,10 @@ input preparation: `prepare_inputs` builds host tensors from block ids and token
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from engine.scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_MIN_TOKENS = 8192
+MAX_POOL_CONTEXTS = 4  # measured KV pools stop at this many times max_num_seqs full contexts
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ModelInput:
     logits_indices: torch.Tensor  # int64 [M]: token rows whose logits are computed
     sample_rows: dict[str, int]  # request id -> its row in the logits (last token of a finished prefill/decode)
     prompt_rows: dict[str, tuple[int, int, int]]  # request id -> (first logits row, start position, count)
+    lora: Any = None  # LoraBatch: the tokens' adapter slots (None: base model only)
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ class ModelOutput:
 class ModelRunner:
     """Owns the model and the KV cache tensors; turns scheduled token counts into logits."""
 
-    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int):
+    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int, adapters: Any = None):
         self.model = model
+        self.adapters = adapters  # AdapterRegistry when adapters are served
         self.config = config
         self.model_config = model.config
         self.max_model_len = max_model_len
@@ -91,6 +96,8 @@ class ModelRunner:
         if blocks <= 0:
             raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
                                "raise gpu_memory_utilization or lower max_num_batched_tokens")
+        # Small models would get millions of blocks; past a few full batches they only bloat the pool.
+        blocks = min(blocks, -(-MAX_POOL_CONTEXTS * self.config.max_num_seqs * self.max_model_len // self.block_size))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size,
                     blocks * self._bytes_per_block() / 2**30)
         return blocks
@@ -143,13 +150,17 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(dev, non_blocking=True),
             sample_rows=sample_rows,
             prompt_rows=prompt_rows,
+            lora=self.adapters.prepare_step([s.adapter for s in plan.seqs], [len(s.token_ids) for s in plan.seqs])
+            if self.adapters is not None else None,
         )
 
     @torch.inference_mode()
     def execute_model(self, inp: ModelInput) -> ModelOutput:
         """Forward the flat batch over the paged cache; logits only for the wanted rows."""
         attn = PagedAttention(self.kv_cache, inp.metadata, self.model_config.head_dim)
-        hidden = self.model.hidden_states(inp.input_ids, inp.positions, attn=attn)  # [1, N, d]
+        lora = self.adapters.context.use(inp.lora) if self.adapters is not None else contextlib.nullcontext()
+        with lora:  # the adapter wrappers read the step's token slots from the context
+            hidden = self.model.hidden_states(inp.input_ids, inp.positions, attn=attn)  # [1, N, d]
         logits = self.model.compute_logits(hidden[0, inp.logits_indices]).float()  # [M, V]
         return ModelOutput(logits=logits, sample_rows=inp.sample_rows, prompt_rows=inp.prompt_rows)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -77,8 +77,10 @@ class Scheduler:
     """Decides, step by step, which requests compute how many tokens in which KV blocks."""
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True,
+                 adapter_fit: Callable[[set[tuple[Hashable, ...]]], bool] | None = None):
         self.kv = kv
+        self.adapter_fit = adapter_fit  # whether a batch with these adapters fits the adapter slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -166,8 +168,12 @@ class Scheduler:
             i += 1
 
     def _schedule_waiting(self, step: _Step) -> None:
+        skipped: list[Request] = []  # their adapter would need one slot too many: they wait, others go on
         while self.waiting and step.budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if not self._adapter_fits(req):
+                skipped.append(self.waiting.pop(0))
+                continue
             cached: list[int] = []
             if not self._wants_prompt_logprobs(req):  # cached tokens would have no logits
                 cached = self.kv.find_cached_prefix(req.token_ids, req.adapter)
@@ -191,6 +197,14 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._schedule(req, num_new, step)
+        for req in skipped:
+            bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+
+    def _adapter_fits(self, req: Request) -> bool:
+        if self.adapter_fit is None or req.adapter is None:
+            return True
+        active = {r.adapter for r in self.running if r.adapter is not None}
+        return req.adapter in active or self.adapter_fit(active | {req.adapter})
 
     def _schedule(self, req: Request, num_new: int, step: _Step) -> None:
         start = req.num_computed_tokens

@@ -1,0 +1,246 @@
+"""Serving adapters in mixed batches: every request's logits equal its merged checkpoint's, LoRA and DoRA.
+
+The reference is independent of the serving path: the adapter files are loaded with engine/adapter_io
+into LoraLinear wrappers and merged into dense weights (the fine-tuning code path, itself checked
+against `peft`), then run by the plain model with causal SDPA.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import weakref
+
+import pytest
+import torch
+
+from engine.adapter_io import load_adapter
+from engine.adapter_testing import write_random_adapter
+from engine.adapters import AdapterNotFoundError, AdapterServingConfig
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import Engine
+from engine.errors import InvalidRequestError
+from engine.lora import merge_adapters
+from engine.model import Transformer
+from engine.sampling import SamplingParams
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def base_model() -> Transformer:
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = Transformer(config)
+    model.init_weights(seed=1)
+    with torch.no_grad():  # peaked logits, so the adapters' effect is far above the tolerance
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, base_model):
+    root = tmp_path_factory.mktemp("adapters")
+    write_random_adapter(base_model, root / "x", r=8, alpha=16, seed=1)
+    write_random_adapter(base_model, root / "y", r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), seed=2)
+    write_random_adapter(base_model, root / "d", r=6, alpha=12, use_dora=True, use_rslora=True, seed=3)
+    write_random_adapter(base_model, root / "x2", r=8, alpha=16, seed=4)  # a retrained "x"
+    return root
+
+
+def merged(base_model: Transformer, adapter_dir) -> Transformer:
+    model = copy.deepcopy(base_model)
+    load_adapter(model, adapter_dir)
+    return merge_adapters(model).eval()
+
+
+def make_engine(base_model, lora_root, max_loras=4, **kw) -> Engine:
+    config = EngineConfig(model="", device="cpu", max_model_len=256, kv_cache_tokens=4096, block_size=16, **kw)
+    adapters = AdapterServingConfig(lora_root=str(lora_root), max_loras=max_loras, max_lora_rank=8)
+    return Engine(config, model=copy.deepcopy(base_model), tokenizer=None, adapters=adapters)
+
+
+class Recorder:
+    """Steps an engine and keeps every step's (plan, model output, LoraBatch) and every request's tokens."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.steps = []
+        self.tokens: dict[str, list[int]] = {}
+        engine.runner.execute = self._execute
+
+    def _execute(self, plan):
+        inp = self.engine.runner.prepare_inputs(plan)
+        out = self.engine.runner.execute_model(inp)
+        self.steps.append((plan, out, inp.lora))
+        return out
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            self.tokens.setdefault(out.request_id, list(out.prompt_token_ids))
+            for choice in out.outputs:
+                self.tokens[out.request_id].extend(choice.token_ids)
+
+    def run(self) -> "Recorder":
+        while self.engine.has_unfinished():
+            self.step()
+        return self
+
+
+def check_logits(steps, tokens, references: dict):
+    """Every logits row the engine computed equals the reference model's at that position."""
+    full = {rid: references[rid](torch.tensor([ids]))[0] for rid, ids in tokens.items()}
+    checked = 0
+    for plan, out, _ in steps:
+        for seq in plan.seqs:
+            rid = seq.request_id
+            if rid in out.prompt_rows:
+                row0, start, count = out.prompt_rows[rid]
+                got, want = out.logits[row0:row0 + count], full[rid][start:start + count]
+            else:
+                row = out.sample_rows[rid]
+                got, want = out.logits[row:row + 1], full[rid][seq.start_pos + len(seq.token_ids) - 1][None]
+            err = (got - want).abs().max().item()
+            assert err < TOL, f"{rid}: max |logit diff| {err:.2e} at step with {len(plan.seqs)} sequences"
+            checked += got.shape[0]
+    return checked
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (length + i,), generator=gen).tolist() for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind):
+    engine = make_engine(base_model, lora_root)
+    first = "x" if kind == "lora" else "d"
+    engine.adapters.load(first, first)
+    engine.adapters.load("y", "y")
+    names = {"a": first, "b": "y", "c": None, "a2": first}
+    refs = {first: merged(base_model, lora_root / first), "y": merged(base_model, lora_root / "y"), None: base_model}
+    params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
+    for (rid, name), prompt in zip(names.items(), prompts(4, 11, seed=7)):
+        engine.add_request(rid, prompt, params, lora=name)
+    rec = Recorder(engine).run()
+    steps, tokens = rec.steps, rec.tokens
+    first_plan = steps[0][0]
+    assert {s.adapter[0] if s.adapter else None for s in first_plan.seqs} == {first, "y", None}
+    assert steps[0][2].has_dora == (kind == "dora")
+    with torch.no_grad():
+        checked = check_logits(steps, tokens, {rid: refs[name] for rid, name in names.items()})
+        assert checked > 4 * 11
+        # The adapters matter: each one's logits are far from the base model's and from each other's.
+        ids = torch.tensor([tokens["a"]])
+        far = [(refs[first](ids) - base_model(ids)).abs().max(), (refs["y"](ids) - base_model(ids)).abs().max(),
+               (refs[first](ids) - refs["y"](ids)).abs().max()]
+    assert min(far) > 100 * TOL
+
+
+def test_more_adapters_than_slots_wait_their_turn(base_model, lora_root):
+    engine = make_engine(base_model, lora_root, max_loras=2)
+    for name in ("x", "y", "d"):
+        engine.adapters.load(name, name)
+    names = {f"r{i}": name for i, name in enumerate(["x", "y", "d", None, "x", "d"])}
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    for (rid, name), prompt in zip(names.items(), prompts(6, 9, seed=3)):
+        engine.add_request(rid, prompt, params, lora=name)
+    rec = Recorder(engine).run()
+    steps, tokens = rec.steps, rec.tokens
+    assert max(len({s.adapter for s in plan.seqs if s.adapter}) for plan, _, _ in steps) <= 2
+    assert len(tokens) == 6 and engine.adapters.evictions >= 1
+    refs = {name: merged(base_model, lora_root / name) for name in ("x", "y", "d")}
+    with torch.no_grad():
+        check_logits(steps, tokens, {rid: refs[n] if n else base_model for rid, n in names.items()})
+
+
+def test_reload_swaps_versions_and_misses_the_old_prefix_cache(base_model, lora_root):
+    engine = make_engine(base_model, lora_root)
+    engine.adapters.load("x", "x")
+    prompt = prompts(1, 40, seed=5)[0]  # two full blocks: cacheable
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
+    engine.add_request("old", prompt, params, lora="x")
+    rec = Recorder(engine)
+    rec.step()  # "old" is running on version 1 ...
+    engine.adapters.load("x", "x2")  # ... when "x" is reloaded
+    engine.add_request("new", prompt, params, lora="x")
+    assert engine.scheduler.requests["old"].adapter != engine.scheduler.requests["new"].adapter
+    steps, tokens = rec.run().steps, rec.tokens
+    hits = engine.stats().prefix_cache_hits
+    assert hits == 0, "KV computed under the old version was reused for the new one"
+    with torch.no_grad():
+        check_logits(steps, tokens, {"old": merged(base_model, lora_root / "x"),
+                                     "new": merged(base_model, lora_root / "x2")})
+    assert engine.adapters.stats()["lora_adapters_resident"] == 1
+    assert engine.adapters.host_bytes() == sum(  # the old version is gone, only the new one is held
+        t.numel() * t.element_size() for w in engine.adapters._current["x"].modules.values()
+        for t in (w.a, w.b) if t is not None)
+
+
+def test_unload_waits_for_requests_then_frees_memory(base_model, lora_root):
+    engine = make_engine(base_model, lora_root)
+    baseline = engine.adapters.host_bytes()
+    engine.adapters.load("x", "x")
+    assert engine.adapters.host_bytes() > baseline
+    probe = weakref.ref(engine.adapters._current["x"].modules["model.layers.0.self_attn.q_proj"].a)
+    engine.add_request("r", prompts(1, 8, seed=1)[0], SamplingParams(max_tokens=3, ignore_eos=True), lora="x")
+    engine.step()
+    assert engine.adapters.unload("x", timeout=0) is False  # in flight: the name is gone, the memory is not
+    with pytest.raises(InvalidRequestError, match="not loaded"):
+        engine.add_request("late", [1, 2, 3], SamplingParams(max_tokens=1), lora="x")
+    assert engine.adapters.host_bytes() > baseline
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.adapters.host_bytes() == baseline
+    assert probe() is None, "the adapter's host tensors are still referenced after unload"
+    assert engine.stats().lora_adapters_resident == 0 and engine.stats().lora_adapters_on_device == 0
+
+
+def test_adapter_without_lora_serving_is_refused(base_model):
+    engine = Engine(EngineConfig(model="", device="cpu", max_model_len=128, kv_cache_tokens=1024),
+                    model=copy.deepcopy(base_model), tokenizer=None)
+    with pytest.raises(InvalidRequestError, match="serves no adapters"):
+        engine.add_request("r", [1, 2], SamplingParams(max_tokens=1), lora="x")
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "missing", "corrupt", "pickle", "rank",
+                                  "target", "shape"])
+def test_bad_adapters_are_refused_and_nothing_is_loaded(base_model, lora_root, tmp_path, case):
+    engine = make_engine(base_model, lora_root)
+    outside = tmp_path / "outside"
+    write_random_adapter(base_model, outside, seed=9)
+    bad = lora_root / f"bad-{case}"
+    path, expect = {
+        "dotdot": ("x/../x", "'..'"),
+        "absolute": (str(outside), "absolute path outside"),
+        "symlink": (f"bad-{case}", "symlink"),
+        "missing": ("nowhere", "does not exist"),
+        "corrupt": (f"bad-{case}", "not a readable safetensors"),
+        "pickle": (f"bad-{case}", "never unpickles"),
+        "rank": (f"bad-{case}", "above this server's max_lora_rank 8"),
+        "target": (f"bad-{case}", "does not adapt"),
+        "shape": (f"bad-{case}", "expects a layer"),
+    }[case]
+    if case == "symlink" and not bad.exists():
+        os.symlink(outside, bad)
+    elif case in ("corrupt", "pickle"):
+        write_random_adapter(base_model, bad, seed=9)
+        weights = bad / "adapter_model.safetensors"
+        if case == "corrupt":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            weights.rename(bad / "adapter_model.bin")
+    elif case == "rank":
+        write_random_adapter(base_model, bad, r=16, seed=9)
+    elif case == "target":
+        write_random_adapter(base_model, bad, targets=("lm_head",), seed=9)
+    elif case == "shape":
+        other = Transformer(ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+        write_random_adapter(other, bad, seed=9)
+    with pytest.raises(InvalidRequestError) as info:
+        engine.adapters.load("bad", path)
+    assert expect in info.value.message
+    assert isinstance(info.value, AdapterNotFoundError) == (case == "missing")
+    assert engine.adapters.adapters() == [] and engine.adapters.host_bytes() == 0
