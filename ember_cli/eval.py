@@ -86,12 +86,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           limit=args.limit, seed=args.seed, max_tokens=args.max_tokens, seq_len=args.seq_len,
                           stride=args.stride, text_range=tuple(args.text_range), progress=not args.no_progress)
     lm = _backend(args)
-    reports = []
-    for spec in specs:
-        report = evaluate(spec, lm, options)
-        if args.adapter:
-            report.settings["adapter"] = args.adapter
-        reports.append(report)
+    reports = [evaluate(spec, lm, options) for spec in specs]
     print(format_table(reports))
     if args.json_out:
         write_json(reports, args.json_out)

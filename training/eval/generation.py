@@ -27,7 +27,8 @@ def generate(items: Sequence[GenerationItem], lm: LanguageModel, max_tokens: int
     return lm.generate(prompts, max_tokens, stop, progress)
 
 
-def exact_match_metrics(items: Sequence[GenerationItem], outputs: Sequence[str]) -> tuple[list[MetricValue], list[dict]]:
+def exact_match_metrics(items: Sequence[GenerationItem],
+                        outputs: Sequence[str]) -> tuple[list[MetricValue], list[dict]]:
     """GSM8K: the number after "#### " (strict) or the last number (flexible) equals the reference's."""
     strict, flexible, samples = [], [], []
     for item, out in zip(items, outputs):

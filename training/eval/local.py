@@ -38,6 +38,7 @@ class LocalModel:
         # One position is left free, as a server must leave room for a generated token: both
         # backends then cut over-long requests identically.
         self.max_length = int(model.config.max_position_embeddings) - 1
+        self.adapter: str | None = None  # the adapter directory, when one is applied
         self._llm: Any = None
 
     @classmethod
@@ -58,11 +59,20 @@ class LocalModel:
             load_adapter(model, adapter_dir)
             model.to(device)
             name += f"+{Path(adapter_dir).resolve().name}"
-        return cls(model, Tokenizer.from_dir(model_dir), name, batch_size)
+        lm = cls(model, Tokenizer.from_dir(model_dir), name, batch_size)
+        lm.adapter = str(adapter_dir) if adapter_dir is not None else None
+        return lm
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with BOS if the checkpoint's tokenizer adds one."""
         return self.tokenizer.encode(text)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the results depend on besides the task: where and in which precision it ran."""
+        out = {"device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+               "batch_size": self.batch_size}
+        return {**out, "adapter": self.adapter} if self.adapter else out
 
     # -- log-likelihoods ---------------------------------------------------------------------------
     @torch.inference_mode()

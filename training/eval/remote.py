@@ -70,6 +70,11 @@ class ServerModel:
 
     # -- the backend interface ---------------------------------------------------------------------
     @property
+    def settings(self) -> dict[str, Any]:
+        return {"server": self.base_url, "batch_size": self.batch_size,
+                "tokenizer": "local" if self.tokenizer is not None else "server /tokenize"}
+
+    @property
     def max_length(self) -> int | None:
         """Longest prompt the server accepts (its context minus one), or None when it does not say."""
         if self._max_length is None:

@@ -53,26 +53,31 @@ def evaluate(task: str | TaskSpec, lm: LanguageModel, options: EvalOptions | Non
     spec = get_task(task) if isinstance(task, str) else task
     options = options or EvalOptions()
     path = resolve_data(spec, options.data)
-    settings: dict[str, Any] = {"data": str(path), "backend": type(lm).__name__, "limit": options.limit}
+    settings: dict[str, Any] = {"data": str(path), "backend": type(lm).__name__, **getattr(lm, "settings", {}),
+                                "limit": options.limit}
     if spec.kind == "perplexity":
         metrics, samples = _perplexity(spec, lm, options, path, settings)
+    elif spec.kind == "multiple_choice":
+        items = _items(spec, options, path, settings)
+        with _progress_bar(sum(len(i.choices) for i in items), spec.name, options.progress) as bar:
+            metrics, samples = run_multiple_choice(items, lm, bar.update)
     else:
-        items = spec.load(path)
-        if options.limit is not None:
-            items = items[:options.limit]
-        items = _with_fewshot(spec, items, options, path, settings)
-        with _progress_bar(0, spec.name, options.progress) as bar:
-            if spec.kind == "multiple_choice":
-                bar.total = sum(len(i.choices) for i in items)
-                metrics, samples = run_multiple_choice(items, lm, bar.update)
-            else:
-                bar.total = len(items)
-                max_tokens = options.max_tokens or spec.max_tokens
-                settings.update(max_tokens=max_tokens, stop=list(spec.stop))
-                outputs = generate(items, lm, max_tokens, spec.stop, bar.update)
-                metrics, samples = spec.score(items, outputs)
+        items = _items(spec, options, path, settings)
+        max_tokens = options.max_tokens or spec.max_tokens
+        settings.update(max_tokens=max_tokens, stop=list(spec.stop))
+        with _progress_bar(len(items), spec.name, options.progress) as bar:
+            outputs = generate(items, lm, max_tokens, spec.stop, bar.update)
+        metrics, samples = spec.score(items, outputs)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return EvalReport(spec.name, lm.name, settings, date, metrics, samples)
+
+
+def _items(spec: TaskSpec, options: EvalOptions, path, settings: dict) -> list:
+    """The task's items, cut to --limit, with their full (few-shot) prompts."""
+    items = spec.load(path)
+    if options.limit is not None:
+        items = items[:options.limit]
+    return _with_fewshot(spec, items, options, path, settings)
 
 
 def _with_fewshot(spec: TaskSpec, items: list, options: EvalOptions, path, settings: dict) -> list:
