@@ -213,3 +213,19 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "execute", real)
     engine.add_request("fine", [5, 6, 7], SamplingParams(max_tokens=5, **GREEDY))
     assert len(run_to_completion(engine)["fine"].outputs[0].token_ids) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_equals_the_reference(model_dir):
+    gpu = make_engine(model_dir, device="cuda", dtype="float32", gpu_memory_utilization=0.2,
+                      max_num_batched_tokens=128, max_num_seqs=16)
+    assert gpu.runner.num_blocks * 16 >= gpu.max_model_len  # sized by measuring free memory
+    rng = random.Random(99)
+    prompts = [([rng.randrange(3, 512) for _ in range(rng.randint(1, 200))], rng.randint(1, 24)) for _ in range(24)]
+    for i, (prompt, max_tokens) in enumerate(prompts):
+        gpu.add_request(f"g{i}", prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    results = run_to_completion(gpu)
+    for i, (prompt, max_tokens) in enumerate(prompts):
+        want = generate_reference(gpu.model, prompt, max_tokens, ignore_eos=True)
+        assert results[f"g{i}"].outputs[0].token_ids == want, f"request {i} diverged"
