@@ -54,7 +54,10 @@ def test_finetune_service_command_trains_an_adapter(tmp_path) -> None:
                 return target + arg[len(prefix):]
         return arg
 
-    command = [ember, "finetune", *map(host, service["command"]), "train.max_steps=1"]
+    mapping["/opt/ember/configs"] = str(REPO / "configs")
+    config_arg = service["command"][service["command"].index("--config") + 1]
+    assert Path(host(config_arg)).exists(), f"{config_arg} is not in the repository's configs/"
+    command = [ember, "finetune", *map(host, service["command"]), "train.max_steps=1", "schedule.warmup_steps=0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = Path(host(service["command"][service["command"].index("--out") + 1]))

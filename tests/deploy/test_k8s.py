@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploy_tools import K8S_DIR, SERVER_PORT
+from deploy_tools import K8S_DIR, REPO, SERVER_PORT
 
 KUBERNETES_VERSION = "1.30"  # oldest release the manifests target
 
@@ -116,6 +116,9 @@ def test_training_job_writes_a_volume_the_server_reads() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     args = container["args"]
     out = args[args.index("--out") + 1]
+    for arg in args:  # files baked into the image from the repository
+        if arg.startswith("/opt/ember/configs/"):
+            assert (REPO / "configs" / arg.removeprefix("/opt/ember/configs/")).exists(), arg
 
     def claims(pod: dict, container: dict, writable: bool) -> dict[str, str]:
         by_volume = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
