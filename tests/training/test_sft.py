@@ -91,3 +91,13 @@ def test_config_errors_name_the_key(tmp_path):
 def test_cli_reports_missing_data(base, tmp_path, capsys):
     assert ember(["finetune", "--base", str(base), "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "finetune").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_finetune_config(path)
+        assert cfg.base and cfg.data.path, path
