@@ -51,6 +51,14 @@ def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()
 
 
+def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A||_row [out] (fp32): the per-row factor DoRA applies; constant for a loaded adapter,
+    so serving can compute it once per adapter and use `dora_output` with weight_norm = m / factor."""
+    weight = weight.float()
+    return magnitude.float() / dora_weight_norm(weight, delta_weight(a, b, scaling))
+
+
 def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, magnitude: torch.Tensor,
                 weight_norm: torch.Tensor) -> torch.Tensor:
     """DoRA's addition to the base output: (m/n - 1) * W x + (m/n) * s B A x.
@@ -269,6 +277,8 @@ def inject_adapters(model: nn.Module, config: LoraConfig, adapter_dtype: torch.d
 
     Raises ValueError naming the available linear layers when no module matches the targets.
     """
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("the model already has adapters; merge them (merge_adapters) or start from the base")
     targets = [(path, mod) for path, mod in model.named_modules()
                if path and is_linear(mod) and config.matches(path)]
     if not targets:

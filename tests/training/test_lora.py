@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from ember_cli.main import main as ember
 from engine.adapter_io import AdapterError, load_adapter, read_adapter, save_adapter
 from engine.checkpoint import load_model
-from engine.lora import (LoraConfig, LoraLinear, adapters_disabled, delta_weight, inject_adapters, lora_delta,
-                         lora_modules, lora_scaling, mark_only_adapters_trainable, merge_adapters)
+from engine.lora import (LoraConfig, LoraLinear, adapters_disabled, delta_weight, dora_scale, inject_adapters,
+                         lora_delta, lora_modules, lora_scaling, mark_only_adapters_trainable, merge_adapters)
 from finetune_fixtures import tiny_base
 
 
@@ -76,6 +76,17 @@ def test_merge_unmerge_roundtrip(base, use_dora):
         back = model(ids)
     assert torch.allclose(merged, adapted, atol=1e-4)
     assert torch.allclose(back, adapted, atol=1e-4)
+
+
+def test_dora_scale_is_the_merged_row_factor(base):
+    model, _ = _adapted(base, use_dora=True)
+    _, m = next(iter(lora_modules(model)))
+    w, a, b = m.base_layer.weight, m.lora_A.weight, m.lora_B.weight
+    factor = dora_scale(w, a, b, m.scaling, m.lora_magnitude_vector)
+    with torch.no_grad():
+        assert torch.allclose(m.merged_weight(), factor[:, None] * (w + delta_weight(a, b, m.scaling)), atol=1e-6)
+    with pytest.raises(ValueError, match="already has adapters"):
+        inject_adapters(model, LoraConfig(target_modules="all-linear"))
 
 
 def test_adapters_disabled_gives_base_logits(base):
