@@ -269,3 +269,12 @@ def test_registry_defaults_and_errors(monkeypatch):
         resolve_data(get_task("gsm8k"), None)
     with pytest.raises(EvalError, match="--limit must be at least 1"):
         EvalOptions(limit=0)
+
+
+def test_only_newlines_end_json_lines(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "one\u2028two", "reference": "x"}\n{"prompt": "three", "reference": "y"}\n',
+                    encoding="utf-8")
+    items = load_prompt_reference(path)
+    assert [i.context for i in items] == ["one\u2028two", "three"]
+    assert items[1].source.endswith("pairs.jsonl:2")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ class Row:
         return value
 
 
+def _lines(text: str) -> list[str]:
+    # Only "\n" ends a line: str.splitlines would also cut at U+2028 and friends inside JSON strings.
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
 def _open_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(path, "no such file")
@@ -51,7 +57,7 @@ def read_jsonl(path: str | Path) -> list[Row]:
     """The JSON objects of a JSON-lines file (blank lines skipped); an empty file is an error."""
     path = Path(path)
     rows = []
-    for lineno, line in enumerate(_open_text(path).splitlines(), 1):
+    for lineno, line in enumerate(_lines(_open_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -71,7 +77,7 @@ def read_csv(path: str | Path, num_fields: int) -> list[Row]:
     path = Path(path)
     text = _open_text(path)
     rows = []
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))
     start = 1
     try:
         for record in reader:
@@ -91,7 +97,7 @@ def read_csv(path: str | Path, num_fields: int) -> list[Row]:
 def read_lines(path: str | Path) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank lines of a text file."""
     path = Path(path)
-    return [(i, line.strip()) for i, line in enumerate(_open_text(path).splitlines(), 1) if line.strip()]
+    return [(i, line.strip()) for i, line in enumerate(_lines(_open_text(path)), 1) if line.strip()]
 
 
 def read_text(path: str | Path) -> str:
