@@ -6,9 +6,10 @@ polling, no sleeps.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import uvicorn
 
@@ -53,3 +54,20 @@ class LiveServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(settings: Any, timeout: float = 120.0) -> Iterator[LiveServer]:
+    """Build the app for `settings`, serve it, and return once it answers /health with 200."""
+    import httpx
+
+    from server.app import create_app
+
+    srv = LiveServer(create_app(settings)).start()
+    try:
+        health = httpx.get(srv.url + "/health", timeout=timeout)  # waits in the backlog until ready
+        if health.status_code != 200:
+            raise RuntimeError(f"server not ready: {health.status_code} {health.text}")
+        yield srv
+    finally:
+        srv.stop()

@@ -1,16 +1,13 @@
 """Fixtures for server tests: a seeded tiny model and real uvicorn servers on loopback."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 
-from server.app import create_app
 from server.settings import ServerSettings
-from server.testing import LiveServer
+from server.testing import serving
 
 API_KEY = "sk-ember-test"
 
@@ -23,21 +20,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
-@contextlib.contextmanager
-def running_server(model: Path, **overrides) -> Iterator[LiveServer]:
-    """An app on a real uvicorn server; returns once /health answers (the socket listens from the start)."""
+def running_server(model: Path, **overrides):
+    """The app on a real uvicorn server on loopback, ready when entered."""
     options = dict(model=str(model), served_model_name="tiny", max_model_len=256, kv_cache_tokens=8192,
                    max_num_seqs=8)
     options.update(overrides)
-    app = create_app(ServerSettings(**options))
-    srv = LiveServer(app).start()
-    try:
-        headers = {"Authorization": f"Bearer {options['api_key'][0]}"} if options.get("api_key") else {}
-        health = httpx.get(srv.url + "/health", headers=headers, timeout=120)
-        assert health.status_code == 200, health.text
-        yield srv
-    finally:
-        srv.stop()
+    return serving(ServerSettings(**options))
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
