@@ -13,6 +13,7 @@ import torch
 
 from engine.kernels.kv_write import write_kv
 from engine.kernels.paged_attention import paged_attention
+from engine.kernels.rope import rope_and_write_kv
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class PagedAttentionMetadata:
     context_lens: torch.Tensor  # int32 [S]: KV length of each sequence including this step's tokens
     cu_seqlens_q: torch.Tensor  # int32 [S + 1]: sequence s owns tokens cu[s]:cu[s + 1]
     max_seqlen_q: int  # host-side hints, so kernels need no device sync
-    max_context_len: int
+    max_context_len: int | None  # None under CUDA graphs: the decode kernel sizes splits by table capacity
 
 
 class KVCache:
@@ -64,4 +65,32 @@ class PagedAttention:
         out = paged_attention(q.reshape(b * n, hq, d), k_cache, v_cache, meta.block_tables, meta.context_lens,
                               meta.cu_seqlens_q, self.scale, max_seqlen_q=meta.max_seqlen_q,
                               max_context_len=meta.max_context_len)  # [N, Hq, D]
+        return out.view(b, n, hq, d)
+
+
+class FusedRopePagedAttention(PagedAttention):
+    """PagedAttention that also applies RoPE: one kernel rotates q and k and writes k, v into the cache.
+
+    The model sees `applies_rope` and hands over un-rotated q and k (see engine/model.py).
+    positions [N] are the flat batch's token positions; cos_sin_cache [max_pos, D] float32 comes
+    from engine.kernels.rope.build_cos_sin_cache.
+    """
+
+    applies_rope = True
+
+    def __init__(self, kv_cache: KVCache, metadata: PagedAttentionMetadata, head_dim: int,
+                 cos_sin_cache: torch.Tensor, positions: torch.Tensor):
+        super().__init__(kv_cache, metadata, head_dim)
+        self.cos_sin_cache = cos_sin_cache
+        self.positions = positions
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1,N,Hq,D], k/v [1,N,Hkv,D] before RoPE -> [1,N,Hq,D]."""
+        b, n, hq, d = q.shape
+        meta = self.metadata
+        k_cache, v_cache = self.kv_cache.layer(layer_idx)
+        q_rot = rope_and_write_kv(q.reshape(b * n, hq, d), k.reshape(b * n, -1, d), v.reshape(b * n, -1, d),
+                                  self.positions, self.cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q_rot, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                              self.scale, max_seqlen_q=meta.max_seqlen_q, max_context_len=meta.max_context_len)
         return out.view(b, n, hq, d)

@@ -22,7 +22,11 @@ class AttentionBackend(Protocol):
     """What the model needs from a KV-cache owner: attend over cached keys plus the new ones."""
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B,T,Hq,D], k/v [B,T,Hkv,D] (RoPE applied) -> [B,T,Hq,D]."""
+        """q [B,T,Hq,D], k/v [B,T,Hkv,D] (RoPE applied) -> [B,T,Hq,D].
+
+        A backend whose `applies_rope` attribute is True receives q and k un-rotated and rotates
+        them itself (by the positions it was built with), fused with its cache write.
+        """
         ...
 
 
@@ -93,7 +97,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: the backend rotates q and k itself
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attn is None:
             out = causal_attention(q, k, v)
         else:
@@ -225,7 +230,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [B,T,1,D]
+        if getattr(attn, "applies_rope", False):
+            cos = sin = None
+        else:
+            cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [B,T,1,D]
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and attn is None:
                 x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)

@@ -3,18 +3,27 @@
 Two separate halves, so a faster "execute" (CUDA graphs) can replace the plain one without touching
 input preparation: `prepare_inputs` builds host tensors from block ids and token counts;
 `execute_model` runs the model and keeps only the logits rows the sampler (or prompt log-probs) needs.
+
+On CUDA (with Triton) the runner takes the fast path: the model's projections and norms are fused
+(engine/fusion.py), RoPE is applied by the attention backend in the same kernel as the KV write,
+and decode steps replay CUDA graphs (engine/cuda_graphs.py) unless `extra["enforce_eager"]` or
+EMBER_ENFORCE_EAGER=1 asks for eager execution. Anywhere else the plain torch path runs.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.attention import KVCache, PagedAttention, PagedAttentionMetadata
+from engine.attention import FusedRopePagedAttention, KVCache, PagedAttention, PagedAttentionMetadata
 from engine.config import EngineConfig
+from engine.kernels import _dispatch
+from engine.kernels.rope import build_cos_sin_cache
 from engine.model import Transformer
 from engine.scheduler import SchedulerOutput
 
@@ -35,6 +44,7 @@ class ModelInput:
     sample_rows: dict[str, int]  # request id -> its row in the logits (last token of a finished prefill/decode)
     prompt_rows: dict[str, tuple[int, int, int]]  # request id -> (first logits row, start position, count)
     lora: Any = None  # LoraBatch: the tokens' adapter slots (None: base model only)
+    graph_batch: int = 0  # > 0: a padded decode batch in the CUDA graphs' static buffers (engine/cuda_graphs.py)
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,35 @@ class ModelRunner:
         self.block_size = config.block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # Triton kernels on this device (CUDA, not disabled): fused model, RoPE fused into the KV write.
+        self.use_kernels = _dispatch.use_triton(param)
+        self.cos_sin_cache = None
+        if self.use_kernels:
+            if adapters is None:  # adapters wrap the separate q/k/v and gate/up projections
+                from engine.fusion import fuse_model
+
+                fuse_model(model)
+            self.cos_sin_cache = build_cos_sin_cache(model.inv_freq.float(), max_model_len)
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
         self.kv_cache = KVCache(mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
                                 mc.head_dim, self.dtype, self.device)
+        self.graphs = None
+        self.cuda_graph_capture_s = 0.0
+        if self.use_kernels and self.device.type == "cuda":
+            self._warm_up_prefill()
+            if adapters is None and not self.enforce_eager:
+                from engine.cuda_graphs import DecodeGraphs
+
+                self.graphs = DecodeGraphs(model, self.kv_cache, self.cos_sin_cache, config.max_num_seqs,
+                                           max_model_len)
+                self.cuda_graph_capture_s = self.graphs.capture()
+
+    @property
+    def enforce_eager(self) -> bool:
+        """Eager decode (no CUDA graphs), for debugging: extra["enforce_eager"] or EMBER_ENFORCE_EAGER=1."""
+        env = os.environ.get("EMBER_ENFORCE_EAGER", "").strip().lower() not in ("", "0", "false", "no")
+        return env or bool(self.config.extra.get("enforce_eager", False))
 
     # -- KV sizing ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
@@ -80,6 +115,7 @@ class ModelRunner:
     def _measure_cuda_blocks(self) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
         hidden = self.model.hidden_states(ids)  # causal SDPA over the largest step
@@ -87,11 +123,12 @@ class ModelRunner:
         self.model.compute_logits(hidden[0, :rows]).float()
         del hidden
         torch.cuda.synchronize(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - before
+        # Return the warm-up's cached blocks first, so `used` is weights, context and other processes only.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
-        peak = torch.cuda.max_memory_allocated(self.device)
-        current = torch.cuda.memory_allocated(self.device)
-        budget = total * self.config.gpu_memory_utilization - used - (peak - current)
+        budget = total * self.config.gpu_memory_utilization - used - activations
         blocks = int(budget // self._bytes_per_block())
         if blocks <= 0:
             raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
@@ -103,8 +140,31 @@ class ModelRunner:
         return blocks
 
     # -- per step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """One eager paged forward at the largest step, so kernels compile and autotune before the first request.
+
+        A single sequence attends over the first blocks of the pool and writes nothing (slots -1).
+        """
+        start = time.perf_counter()
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        dev = self.device
+        blocks = torch.arange(-(-n // self.block_size), dtype=torch.int32, device=dev) % self.num_blocks
+        metadata = PagedAttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev), block_tables=blocks[None],
+            context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev), max_seqlen_q=n, max_context_len=n)
+        positions = torch.arange(n, device=dev)[None]
+        inp = ModelInput(input_ids=torch.zeros_like(positions), positions=positions, metadata=metadata,
+                         logits_indices=torch.tensor([n - 1], device=dev), sample_rows={}, prompt_rows={})
+        self.execute_model(inp)
+        torch.cuda.synchronize(dev)
+        logger.info("prefill warm-up (%d tokens) in %.1f s", n, time.perf_counter() - start)
+
     def prepare_inputs(self, plan: SchedulerOutput) -> ModelInput:
         """Host-side flattening of the scheduled sequences into batch tensors."""
+        if self.graphs is not None and self.graphs.fits(plan):
+            return self.graphs.prepare(plan)  # padded into the graphs' static buffers
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -157,7 +217,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, inp: ModelInput) -> ModelOutput:
         """Forward the flat batch over the paged cache; logits only for the wanted rows."""
-        attn = PagedAttention(self.kv_cache, inp.metadata, self.model_config.head_dim)
+        if inp.graph_batch:
+            return ModelOutput(logits=self.graphs.replay(inp), sample_rows=inp.sample_rows,
+                               prompt_rows=inp.prompt_rows)
+        if self.cos_sin_cache is not None:
+            attn = FusedRopePagedAttention(self.kv_cache, inp.metadata, self.model_config.head_dim,
+                                           self.cos_sin_cache, inp.positions[0])
+        else:
+            attn = PagedAttention(self.kv_cache, inp.metadata, self.model_config.head_dim)
         lora = self.adapters.context.use(inp.lora) if self.adapters is not None else contextlib.nullcontext()
         with lora:  # the adapter wrappers read the step's token slots from the context
             hidden = self.model.hidden_states(inp.input_ids, inp.positions, attn=attn)  # [1, N, d]

@@ -1,0 +1,173 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with padded inputs.
+
+A decode step (every sequence brings one token) launches the same few hundred small kernels
+each time; captured once into a CUDA graph, a step costs one launch. Graphs are captured for
+buckets 1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs; a batch of n sequences runs in the
+smallest bucket >= n, its extra rows padded so that they do no harm: token 0 at position 0,
+cache slot -1 (nothing written) and context length 0 (the attention kernel returns zeros).
+
+Inputs live in static device buffers the graphs were captured on. Each step the host packs
+ids, positions, slots and context lengths into one pinned array and the block tables into a
+second, and copies both to the device (two transfers, no other launches before the replay).
+Logits come out of the graph as float32 [bucket, V]; sampling runs outside it. Prefill and
+mixed steps run eagerly. Capture takes a warm-up forward and a capture forward per bucket
+(about 0.1-0.5 s each, longer the first time Triton compiles): see docs/performance.md.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.attention import FusedRopePagedAttention, KVCache, PagedAttentionMetadata
+from engine.runner import ModelInput
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTURED_BATCH = 512  # larger decode batches run eagerly (launch overhead is small next to their work)
+WARMUP_CONTEXT = 256  # context each row attends over while kernels autotune before capture
+
+# Rows of the packed per-sequence array.
+IDS, POSITIONS, SLOTS, CONTEXT_LENS = range(4)
+
+
+def graph_batch_sizes(max_num_seqs: int, cap: int = MAX_CAPTURED_BATCH) -> list[int]:
+    """Buckets to capture: 1, 2, 4, 8, then every multiple of 8, and the largest batch itself."""
+    top = min(max_num_seqs, cap)
+    sizes = {s for s in (1, 2, 4) if s < top} | set(range(8, top + 1, 8)) | {top}
+    return sorted(sizes)
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
+    """The smallest captured batch size that holds n rows, None when n exceeds them all."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+def is_decode(plan: SchedulerOutput) -> bool:
+    """One query token per sequence, every row sampled, no prompt log-probs: what a decode graph computes."""
+    return bool(plan.seqs) and all(len(s.token_ids) == 1 and s.sample and not s.prompt_logprobs
+                                   for s in plan.seqs)
+
+
+def pack_decode(seqs: Sequence[ScheduledSeq], block_size: int, bucket: int, vec: np.ndarray,
+                tables: np.ndarray) -> int:
+    """Write a decode batch, padded to `bucket` rows, into host arrays; returns the block-table width.
+
+    vec: int32 [4, >= bucket] (ids, positions, slots, context lengths by row);
+    tables: flat int32 buffer; its first bucket * width entries become the [bucket, width] table.
+    """
+    n = len(seqs)
+    width = max(len(s.block_ids) for s in seqs)
+    vec[IDS, :n] = [s.token_ids[0] for s in seqs]
+    vec[POSITIONS, :n] = [s.start_pos for s in seqs]
+    vec[SLOTS, :n] = [s.block_ids[s.start_pos // block_size] * block_size + s.start_pos % block_size for s in seqs]
+    vec[CONTEXT_LENS, :n] = [s.start_pos + 1 for s in seqs]
+    vec[IDS:CONTEXT_LENS + 1, n:bucket] = 0
+    vec[SLOTS, n:bucket] = -1
+    table = tables[:bucket * width].reshape(bucket, width)
+    for i, s in enumerate(seqs):
+        table[i, :len(s.block_ids)] = s.block_ids
+    table[n:] = 0
+    return width
+
+
+class DecodeGraphs:
+    """Captured decode forwards per bucket, their static inputs and outputs."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, cos_sin_cache: torch.Tensor, max_num_seqs: int,
+                 max_model_len: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.cos_sin_cache = cos_sin_cache
+        self.block_size = kv_cache.block_size
+        self.head_dim = model.config.head_dim
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // self.block_size)
+        dev = cos_sin_cache.device
+        # Static device inputs: every captured graph reads (a prefix of) these.
+        self.vec = torch.zeros(4, self.max_batch, dtype=torch.int32, device=dev)
+        self.vec[SLOTS] = -1
+        self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, device=dev)
+        self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(self.max_batch, device=dev)
+        # Host staging (pinned, so the copies are asynchronous) and numpy views to fill it fast.
+        self.host_vec = torch.zeros(4, self.max_batch, dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros(self.max_batch * self.max_blocks, dtype=torch.int32).pin_memory()
+        self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
+        self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    # -- capture --------------------------------------------------------------------------------
+    def _metadata(self, bs: int) -> PagedAttentionMetadata:
+        return PagedAttentionMetadata(slot_mapping=self.vec[SLOTS, :bs], block_tables=self.tables[:bs],
+                                      context_lens=self.vec[CONTEXT_LENS, :bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
+                                      max_seqlen_q=1, max_context_len=None)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        """The captured computation: decode forward of the first bs static rows -> float32 logits [bs, V]."""
+        positions = self.vec[POSITIONS, :bs]
+        attn = FusedRopePagedAttention(self.kv_cache, self._metadata(bs), self.head_dim, self.cos_sin_cache,
+                                       positions)
+        hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
+        return self.model.compute_logits(hidden[0]).float()
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Warm up and capture every bucket, largest first (the smaller ones reuse its memory pool)."""
+        start = time.perf_counter()
+        # Warm-up rows attend over real blocks (so autotuning times real work) but write nothing.
+        ctx = min(WARMUP_CONTEXT, self.max_blocks * self.block_size)
+        self.vec[CONTEXT_LENS] = ctx
+        self.tables.copy_(torch.arange(self.max_blocks, dtype=torch.int32).remainder(self.kv_cache.num_blocks))
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # compiles and autotunes the kernels for this shape outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        self.vec[CONTEXT_LENS] = 0
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s", len(self.sizes), self.max_batch,
+                    self.capture_seconds)
+        return self.capture_seconds
+
+    # -- per step -------------------------------------------------------------------------------
+    def fits(self, plan: SchedulerOutput) -> bool:
+        return len(plan.seqs) <= self.max_batch and is_decode(plan)
+
+    def prepare(self, plan: SchedulerOutput) -> ModelInput:
+        """Pack the decode batch into the static buffers (two host-to-device copies, no sync)."""
+        n = len(plan.seqs)
+        bs = bucket_for(n, self.sizes)
+        self.copied.synchronize()  # the previous step's copies have left the staging buffers
+        width = pack_decode(plan.seqs, self.block_size, bs, self.np_vec, self.np_tables)
+        self.vec.copy_(self.host_vec, non_blocking=True)
+        self.tables[:bs, :width].copy_(self.host_tables[:bs * width].view(bs, width), non_blocking=True)
+        self.copied.record()
+        return ModelInput(
+            input_ids=self.vec[IDS, :n].view(1, n),
+            positions=self.vec[POSITIONS, :n].view(1, n),
+            metadata=self._metadata(bs),
+            logits_indices=self.rows[:n],
+            sample_rows={s.request_id: i for i, s in enumerate(plan.seqs)},
+            prompt_rows={},
+            graph_batch=bs,
+        )
+
+    def replay(self, inp: ModelInput) -> torch.Tensor:
+        """Run the captured step; float32 logits [n, V], a view valid until the next replay."""
+        graph, logits = self.graphs[inp.graph_batch]
+        graph.replay()
+        return logits[: inp.logits_indices.shape[0]]
