@@ -8,7 +8,7 @@ import pytest
 from server.settings import ServerSettings
 from server.testing import serving
 
-API_KEY = "sk-client-test"
+from client_helpers import API_KEY
 
 
 @pytest.fixture(scope="session")

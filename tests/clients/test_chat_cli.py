@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from clients import EmberClient
-from conftest import API_KEY
+from client_helpers import API_KEY
 
 SYSTEM = "Be brief."
 OPTS = dict(max_tokens=8, temperature=0.0)

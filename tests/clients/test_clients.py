@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from clients import AsyncEmberClient, EmberAPIError, EmberClient, RetryPolicy
-from conftest import API_KEY
+from client_helpers import API_KEY
 
 CHAT = [{"role": "user", "content": "Tell me a story"}]
 FAST = RetryPolicy(max_retries=3, base_delay=0.0, max_delay=0.0)

@@ -8,7 +8,7 @@ import contextlib
 import httpx
 import pytest
 
-from conftest import engine_idle, running_server, sample, scrape, wait_until
+from live_helpers import engine_idle, running_server, sample, scrape, wait_until
 
 CHAT = [{"role": "user", "content": "a long story please"}]
 # Long enough (thousands of steps) to be still running when the next request arrives.

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from conftest import engine_idle, running_server, sample, scrape, wait_until
+from live_helpers import engine_idle, running_server, sample, scrape, wait_until
 
 FULL_TOKENS = 40  # clients that read to the end
 LONG_TOKENS = 200  # clients that leave: long enough that they cannot finish before the server notices

@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, running_server
+from live_helpers import API_KEY, running_server
 
 PROMPT = "Once upon a time"
 CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Tell me a story."}]

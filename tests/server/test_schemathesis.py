@@ -12,7 +12,7 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from conftest import running_server
+from live_helpers import running_server
 from server.app import create_app
 from server.settings import ServerSettings
 

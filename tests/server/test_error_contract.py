@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import running_server
+from live_helpers import running_server
 
 CHAT = [{"role": "user", "content": "hi"}]
 

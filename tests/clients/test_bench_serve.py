@@ -5,7 +5,7 @@ import asyncio
 import json
 
 from clients.bench import BenchConfig, BenchRequest, format_table, run_benchmark
-from conftest import API_KEY
+from client_helpers import API_KEY
 from ember_cli.main import main
 
 

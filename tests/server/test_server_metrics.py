@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import API_KEY, running_server, sample, scrape
+from live_helpers import API_KEY, running_server, sample, scrape
 
 BASE = {"model": "tiny"}
 BASE_ADAPTER = {"model": "tiny", "adapter": "base"}
