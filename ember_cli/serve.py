@@ -27,6 +27,10 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for (default 4096)"),
     "--max-body-bytes": (int, "largest request body (default 4 MiB)"),
     "--retry-after": (int, "seconds sent in Retry-After with 429 and 503 (default 1)"),
+    "--lora-root": (str, "directory adapters may be loaded from (with --enable-lora)"),
+    "--max-loras": (int, "distinct adapters one batch can mix: device slots (default 8)"),
+    "--max-lora-rank": (int, "largest adapter rank accepted (default 16)"),
+    "--max-cpu-loras": (int, "adapters loaded at once (default: no limit)"),
 }
 
 
@@ -37,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, type=kind, default=None, help=f"{text}; env EMBER_{flag[2:].upper().replace('-', '_')}")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' (repeatable); env EMBER_API_KEY=k1,k2")
+    p.add_argument("--enable-lora", action="store_true", default=None,
+                   help="serve LoRA/DoRA adapters (load them with --lora or POST /v1/load_lora_adapter)")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                   help="adapter to load at start-up, PATH under --lora-root (repeatable)")
     p.set_defaults(func=run_serve)
 
 

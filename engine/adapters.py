@@ -357,10 +357,10 @@ class AdapterRegistry:
         return AdapterInfo(v.name, v.version, str(v.path), v.rank, v.use_dora, v.pinned, v.slot is not None,
                            v.created)
 
-    def host_bytes(self) -> int:
-        """Bytes of host copies held (every live version, retiring ones included)."""
+    def host_bytes(self, name: str | None = None) -> int:
+        """Bytes of host copies held by every live version (retiring ones included), or by `name`'s only."""
         with self._cond:
-            return sum(v.nbytes() for v in self._versions.values())
+            return sum(v.nbytes() for v in self._versions.values() if name is None or v.name == name)
 
     def device_bytes(self) -> int:
         """Bytes of the slot tensors (allocated once, at start-up)."""

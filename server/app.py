@@ -22,7 +22,8 @@ from server.metrics import ServerMetrics
 from server.middleware import AccessLogMiddleware, APIKeyMiddleware, BodyLimitMiddleware
 from server.models import ModelRegistry
 from server.params import Limits
-from server.routes import openai, ops, tokenize
+from server.lora import attach_adapters
+from server.routes import lora, openai, ops, tokenize
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -83,6 +84,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         max_len = _max_model_len(state.engine)
         state.models.max_model_len = max_len
         state.limits = Limits.build(settings, max_len, _vocab_size(state.engine))
+        attach_adapters(state)
         await _warm_up(state.engine)
         state.ready = True
         log.info("ready: serving %s as %r (context %d tokens, up to %d running + %d queued requests)",
@@ -104,7 +106,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         return JSONResponse({"error": {"message": "client closed the connection", "type": "invalid_request_error",
                                        "param": None, "code": "client_closed"}}, status_code=499)
 
-    for router in (openai.router, tokenize.router, ops.router):
+    for router in (openai.router, tokenize.router, ops.router, lora.router):
         app.include_router(router)
     # Added innermost first: the access log sees everything, auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -112,7 +114,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
                        on_reject=lambda: metrics.reject("auth"))
     # Routes by template, to label requests refused before routing (401, 413) with their route.
     templates = [r for r in app.router.routes if hasattr(r, "path")]
-    templates += [r for router in (openai.router, tokenize.router, ops.router) for r in router.routes]
+    templates += [r for router in (openai.router, tokenize.router, ops.router, lora.router) for r in router.routes]
     app.add_middleware(AccessLogMiddleware, state_getter=lambda: state, routes=lambda: templates)
     return app
 

@@ -71,8 +71,26 @@ def engine_config(settings: ServerSettings, path: Path) -> Any:
     )
 
 
+def adapter_config(settings: ServerSettings) -> Any:
+    """The engine's adapter settings, or None when adapters are off."""
+    if not settings.enable_lora:
+        return None
+    from engine.adapters import AdapterServingConfig
+
+    return AdapterServingConfig(lora_root=settings.lora_root, max_loras=settings.max_loras,
+                                max_lora_rank=settings.max_lora_rank, max_cpu_loras=settings.max_cpu_loras)
+
+
 def build_engine(settings: ServerSettings, path: Path) -> Any:
     """Load the model and build the (synchronous) engine; the app wraps it in an AsyncEngine."""
+    from engine.adapters import parse_lora_specs
     from engine.engine import Engine
+    from engine.errors import InvalidRequestError
 
-    return Engine(engine_config(settings, path))
+    engine = Engine(engine_config(settings, path), adapters=adapter_config(settings))
+    for name, lora_path in parse_lora_specs(settings.lora):
+        try:
+            engine.adapters.load(name, lora_path)
+        except InvalidRequestError as exc:
+            raise ValueError(f"--lora {name}={lora_path}: {exc.message}") from None
+    return engine

@@ -62,7 +62,15 @@ class ServerSettings(BaseSettings):
     max_stop: int = Field(16, ge=0, description="stop strings plus stop token ids in one request")
     max_stop_chars: int = Field(256, gt=0, description="length of one stop string")
 
-    @field_validator("api_key", "public_routes", mode="before")
+    # Adapters (LoRA / DoRA): loaded at start-up with `lora` or at run time through the API.
+    enable_lora: bool = False
+    lora_root: str | None = Field(None, description="adapters load only from under this directory")
+    lora: Annotated[list[str], NoDecode] = Field(default_factory=list, description="NAME=PATH loaded at start-up")
+    max_loras: int = Field(8, gt=0, description="distinct adapters one batch can mix (device slots)")
+    max_lora_rank: int = Field(16, gt=0)
+    max_cpu_loras: int | None = Field(None, gt=0, description="adapters loaded at once; default: no limit")
+
+    @field_validator("api_key", "public_routes", "lora", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -79,4 +87,8 @@ class ServerSettings(BaseSettings):
     def _keys(self) -> "ServerSettings":
         if any(not key for key in self.api_key):
             raise ValueError("api_key entries must not be empty")
+        if self.enable_lora and not self.lora_root:
+            raise ValueError("enable_lora needs lora_root: the directory adapters may be loaded from")
+        if self.lora and not self.enable_lora:
+            raise ValueError("lora (adapters to load at start-up) needs enable_lora")
         return self
