@@ -21,7 +21,7 @@ from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.middleware import AccessLogMiddleware, APIKeyMiddleware, BodyLimitMiddleware
 from server.models import ModelRegistry
-from server.params import Limits
+from server.params import Limits, max_piece_chars
 from server.lora import attach_adapters
 from server.routes import lora, openai, ops, tokenize
 from server.settings import ServerSettings
@@ -83,7 +83,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Fa
         state.engine = await _start_engine(state, engine, path)
         max_len = _max_model_len(state.engine)
         state.models.max_model_len = max_len
-        state.limits = Limits.build(settings, max_len, _vocab_size(state.engine))
+        vocab = _vocab_size(state.engine)
+        state.limits = Limits.build(settings, max_len, vocab, max_piece_chars(state.engine.tokenizer, vocab))
         attach_adapters(state)
         await _warm_up(state.engine)
         state.ready = True

@@ -28,14 +28,38 @@ class Limits:
     max_stop: int
     max_stop_chars: int
     max_prompts: int
+    max_piece_chars: int = 0  # the longest vocabulary entry; 0 = unknown
 
     @classmethod
-    def build(cls, settings: ServerSettings, max_model_len: int, vocab_size: int) -> "Limits":
+    def build(cls, settings: ServerSettings, max_model_len: int, vocab_size: int,
+              max_piece_chars: int = 0) -> "Limits":
         prompt_cap = min(settings.max_prompt_tokens or max_model_len, max_model_len)
         return cls(max_model_len=max_model_len, vocab_size=vocab_size, max_prompt_tokens=prompt_cap,
                    max_tokens_cap=settings.max_tokens_cap, max_n=settings.max_n,
                    max_logprobs=settings.max_logprobs, max_stop=settings.max_stop,
-                   max_stop_chars=settings.max_stop_chars, max_prompts=settings.max_prompts)
+                   max_stop_chars=settings.max_stop_chars, max_prompts=settings.max_prompts,
+                   max_piece_chars=max_piece_chars)
+
+
+def max_piece_chars(tokenizer: object, vocab_size: int) -> int:
+    """Length of the longest vocabulary entry: no token covers more characters of text than this."""
+    try:
+        return max(len(p) for p in tokenizer.convert_ids_to_tokens(range(vocab_size)))  # type: ignore[attr-defined]
+    except Exception:  # an exotic tokenizer: skip the early check rather than fail start-up
+        return 0
+
+
+def check_text_size(chars: int, limits: Limits, param: str) -> None:
+    """Refuse text that cannot fit before spending time tokenizing it.
+
+    Each token covers at most `max_piece_chars` characters, so a text of `chars` characters has at
+    least `chars / max_piece_chars` tokens.
+    """
+    if limits.max_piece_chars and chars > limits.max_prompt_tokens * limits.max_piece_chars:
+        least = chars // limits.max_piece_chars
+        raise APIError(400, f"This model's maximum prompt length is {limits.max_prompt_tokens} tokens; your "
+                            f"prompt has at least {least} tokens ({chars} characters). Please shorten the prompt.",
+                       param=param, code="context_length_exceeded")
 
 
 def check_token_ids(ids: list[int], limits: Limits, param: str) -> None:

@@ -15,7 +15,7 @@ from fastapi import Request
 from server.errors import bad_request
 from server.job import Job, new_id, new_record
 from server.logprobs import chat_logprobs
-from server.params import check_prompt_length, resolve_max_tokens, sampling_params
+from server.params import check_prompt_length, check_text_size, resolve_max_tokens, sampling_params
 from server.protocol.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage
 from server.state import ServerState
 from server.unsupported import check_chat
@@ -58,6 +58,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, request: Reques
     limits = state.limits
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    check_text_size(sum(len(m["content"]) for m in template_messages(req.messages)), limits, "messages")
     prompt = chat_prompt(state, req.messages, req.add_generation_prompt)
     check_prompt_length(len(prompt), limits, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

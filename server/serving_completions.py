@@ -14,7 +14,8 @@ from fastapi import Request
 from server.errors import bad_request
 from server.job import Job, new_id, new_record
 from server.logprobs import LegacyLogprobs, prompt_offsets
-from server.params import check_prompt_length, check_token_ids, resolve_max_tokens, sampling_params
+from server.params import (check_prompt_length, check_text_size, check_token_ids, resolve_max_tokens,
+                           sampling_params)
 from server.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
 from server.state import ServerState
 from server.unsupported import check_completion
@@ -51,6 +52,11 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request: Requ
     count = 1 if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else len(req.prompt)
     if count > limits.max_prompts:
         raise bad_request(f"at most {limits.max_prompts} prompts per request", "prompt")
+    if isinstance(req.prompt, str):
+        check_text_size(len(req.prompt), limits, "prompt")
+    elif isinstance(req.prompt[0], str):
+        for text in req.prompt:
+            check_text_size(len(text), limits, "prompt")
     prompts, texts = _tokenize_prompts(state, req.prompt)
     for ids in prompts:
         check_token_ids(ids, limits, "prompt")

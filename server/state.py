@@ -37,6 +37,9 @@ class ServerState:
         if self.engine is None or not self.ready:
             raise APIError(503, "the model is not ready yet", type="service_unavailable", code="not_ready",
                            headers={"Retry-After": str(self.settings.retry_after)})
+        if not getattr(self.engine, "is_running", True):
+            raise APIError(503, "the engine has stopped; the server must be restarted", type="service_unavailable",
+                           code="engine_dead")
         return self.engine
 
     def stats(self) -> Any | None:

@@ -108,6 +108,15 @@ def test_chat_validation_names_nested_parameter(http):
 def test_prompt_longer_than_context_names_the_limit(http):
     err = error_of(http.post("/v1/completions", json={"prompt": [5] * 300, "max_tokens": 1}), 400)
     assert err["code"] == "context_length_exceeded" and "256" in err["message"] and err["param"] == "prompt"
+    # Text that cannot fit is refused before tokenization, with the same answer.
+    err = error_of(http.post("/v1/completions", json={"prompt": "word " * 10_000}), 400)
+    assert err["code"] == "context_length_exceeded" and "256 tokens" in err["message"]
+    err = error_of(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * 5000}]}),
+                   400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    # A long text that might fit is tokenized and measured exactly.
+    err = error_of(http.post("/v1/completions", json={"prompt": "word " * 300}), 400)
+    assert err["code"] == "context_length_exceeded" and "your prompt has" in err["message"]
 
 
 def test_body_errors(http):
