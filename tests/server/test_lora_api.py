@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import API_KEY, running_server, sample, scrape
+from live_helpers import API_KEY, running_server, sample, scrape
 from engine.adapter_io import load_adapter
 from engine.adapter_testing import write_random_adapter
 from engine.checkpoint import load_model, save_model
