@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a real Ember server; every dashboard and alert query returns data.
 
 Starts `ember serve` on a tiny model and Prometheus (Debian's package) on 127.0.0.1, sends traffic
-(plain, streaming and chat completions, a client that leaves mid-stream, bad requests), waits
+(a LoRA adapter trained by `ember finetune`, loaded at run time and used; plain, streaming and chat
+completions; a client that leaves mid-stream; bad requests), waits
 until Prometheus has scraped after the traffic and evaluated the rules, then sends every PromQL
 expression of the Grafana dashboard and of the alert rules to Prometheus's query API.
 """
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 
 API_KEY = "live-test-key"
 MODEL_NAME = "tiny-live"
+ADAPTER = "story-lora"
 # Long enough to span pre- and post-traffic samples at a 1 s scrape interval.
 RATE_WINDOW = "1m"
 
@@ -38,11 +40,26 @@ def _ember() -> str:
     return ember
 
 
+def _train_adapter(ember: str, base: Path, lora_root: Path) -> None:
+    """A LoRA adapter for the tiny base, the way the compose finetune job makes one (one step)."""
+    result = subprocess.run([ember, "finetune", "--base", str(base), "--data",
+                             str(DEPLOY / "data" / "sample-instructions.jsonl"), "--method", "lora",
+                             "--out", str(lora_root / ADAPTER), "lora.r=8", "train.max_steps=1",
+                             "schedule.warmup_steps=0"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
 def _send_traffic(url: str) -> dict[str, int]:
     """A little of everything the dashboard shows; returns how many requests of each kind."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
     done = {"ok": 0}
     with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        # An adapter loaded at run time from the LoRA root, then used by one request.
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": ADAPTER, "lora_path": ADAPTER})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/completions", json={"model": ADAPTER, "prompt": "Once upon a time", "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        done["ok"] += 1
         for prompt in ("Once upon a time", "The little dog", "Once upon a time there was"):
             r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8,
                                                      "temperature": 0})
@@ -78,7 +95,10 @@ def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("live")
     model = workdir / "model"
     subprocess.run([ember, "new-tiny", "--out", str(model)], check=True, capture_output=True, timeout=120)
-    server = start_server(ember, model, workdir, API_KEY, ["--served-model-name", MODEL_NAME, "--max-num-seqs", "4"])
+    lora_root = workdir / "adapters"
+    _train_adapter(ember, model, lora_root)
+    server = start_server(ember, model, workdir, API_KEY, ["--served-model-name", MODEL_NAME, "--max-num-seqs", "4",
+                                                           "--enable-lora", "--lora-root", str(lora_root)])
     prometheus = None
     try:
         prometheus = start_prometheus(prometheus_bin, f"127.0.0.1:{server.port}", workdir)
@@ -179,8 +199,14 @@ def test_scraped_values_reflect_the_traffic(stack) -> None:
     assert total(f'sum(ember_requests_failed_total{{{model}, status="400"}})') >= 1
     assert total(f'sum(ember_requests_rejected_total{{{model}, reason="auth"}})') >= 1
     assert total(f'sum(ember_http_requests_total{{route="/v1/completions", status="200"}})') >= 4
-    ttft_count = total(f'sum(ember_time_to_first_token_seconds_count{{{model}, adapter="base"}})')
+    ttft_count = total(f'sum(ember_time_to_first_token_seconds_count{{{model}}})')
     assert ttft_count >= stack["sent"]["ok"]
+    # Per-adapter traffic and the adapter gauges and histogram.
+    by_adapter = {s["metric"]["adapter"]: float(s["value"][1]) for s in prometheus.query(
+        f'sum by (adapter) (ember_request_success_total{{{model}, finish_reason=~"stop|length"}})')}
+    assert by_adapter.get(ADAPTER, 0) >= 1 and by_adapter.get("base", 0) >= stack["sent"]["ok"] - 1
+    assert total(f"ember_lora_adapters_resident{{{model}}}") >= 1
+    assert total(f"ember_lora_load_seconds_count{{{model}}}") >= 1
 
 
 def test_panel_renderer_draws_live_data(stack, tmp_path) -> None:
