@@ -1,6 +1,7 @@
 """Offline throughput of the engine: N requests at once, random prompt/output lengths, ignore_eos.
 
     python benchmarks/bench_throughput.py                      # a tiny random model on the CPU
+    python benchmarks/bench_throughput.py --device cuda --shape llama-1b   # random Llama-3.2-1B shape, bf16
     python benchmarks/bench_throughput.py --model DIR --device cuda --num-requests 256 \
         --prompt-len 64:1024 --output-len 256:256 --json-out out/throughput.json
 
@@ -46,6 +47,24 @@ def make_requests(n: int, prompt_len: tuple[int, int], output_len: tuple[int, in
             for _ in range(n)]
 
 
+# Random-weight shapes built in memory (no checkpoint, no tokenizer: token ids only).
+SHAPES = {
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                     rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+def random_model(shape: str, device: str, dtype: str | None):
+    from engine.checkpoint import parse_dtype
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+
+    with torch.device(device):
+        model = Transformer(ModelConfig(**SHAPES[shape]))  # torch's default init: fine for timing
+    return model.to(parse_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)).eval()
+
+
 def run_once(engine: Engine, requests, temperature: float, tag: str) -> dict:
     for i, (prompt, max_tokens) in enumerate(requests):
         engine.add_request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature,
@@ -89,6 +108,7 @@ def git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a tiny random model built in a temp dir)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="instead of --model: a random model of this shape")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=parse_range, default=(16, 128), help="LO:HI tokens")
     ap.add_argument("--output-len", type=parse_range, default=(16, 64), help="LO:HI tokens")
@@ -106,15 +126,19 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
-        if model_dir is None:
+        if model_dir is None and args.shape is None:
             from training.tiny import make_tiny_checkpoint
 
             model_dir = str(make_tiny_checkpoint(Path(tmp) / "tiny", seed=args.seed))
-        config = EngineConfig(model=model_dir, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
+        config = EngineConfig(model=model_dir or "", device=args.device, dtype=args.dtype,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_tokens=args.kv_cache_tokens,
                               enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
-        engine = Engine(config)
+        if args.shape:
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            engine = Engine(config, model=random_model(args.shape, device, args.dtype), tokenizer=None)
+        else:
+            engine = Engine(config)
         vocab = engine.model_config.vocab_size
         run_once(engine, make_requests(4, (8, 16), (4, 8), vocab, args.seed + 999), args.temperature, "warmup")
         runs = [run_once(engine, make_requests(args.num_requests, args.prompt_len, args.output_len, vocab,
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "hardware": hardware(),
-        "settings": {**vars(args), "model": args.model or "tiny-random", "device": str(engine.runner.device),
+        "settings": {**vars(args), "model": args.model or args.shape or "tiny-random", "device": str(engine.runner.device),
                      "dtype": str(engine.runner.dtype), "kv_blocks": engine.stats().kv_blocks_total},
         "median": median,
         "runs": runs,
