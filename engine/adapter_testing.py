@@ -30,7 +30,7 @@ def write_random_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int = 
     for path, layer in model.named_modules():
         if not (path and is_linear(layer) and config.matches(path)):
             continue
-        weight = base_weight(layer, torch.float32).cpu()  # [out, in]
+        weight = base_weight(layer, torch.float32)  # [out, in], on the model's device
         k, n = layer.in_features, layer.out_features
         a = torch.randn(r, k, generator=gen) / k ** 0.5
         # Scale B so that s B A has roughly the weight's row norm times `strength`.
@@ -39,7 +39,8 @@ def write_random_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int = 
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous()
         if use_dora:
-            norm = torch.linalg.norm(weight + scaling * (b @ a), dim=1)
+            delta = scaling * (b.to(weight.device) @ a.to(weight.device))
+            norm = torch.linalg.norm(weight + delta, dim=1).cpu()
             wobble = 1.0 + 0.3 * torch.rand(n, generator=gen)
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = (norm * wobble).contiguous()
     if not tensors:

@@ -1,0 +1,173 @@
+"""Multi-adapter serving throughput: a batch of requests spread over 1, 8 or 32 distinct adapters,
+against the base model alone, measured in the same run.
+
+    python benchmarks/bench_multi_lora.py --device cuda --shape llama-1b     # the H200 figures
+    python benchmarks/bench_multi_lora.py                                     # a tiny smoke run on the CPU
+
+Random-weight model and random rank-16 adapters (written to a temporary LoRA root and loaded through
+the registry, as the server does). Every configuration queues the same `--batch` requests
+(prompt `--prompt-len`, output `--output-len`, ignore_eos) at once and steps the engine to the end.
+Reported per configuration, median over `--repeats`: output tokens/s for the whole run, and the
+decode-phase tokens/s (steps where every sequence computes one token).
+
+Two baselines: "base, LoRA off" is an engine without adapter support (its fastest path), and
+"base, LoRA on" is the adapter-enabled engine serving requests without an adapter (what enabling
+adapters costs before any is used). Ratios are against the first.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_throughput import SHAPES, git_commit, hardware  # noqa: E402
+from engine.adapter_testing import write_random_adapter  # noqa: E402
+from engine.adapters import AdapterServingConfig  # noqa: E402
+from engine.config import EngineConfig, ModelConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+
+SHAPES = {**SHAPES, "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(ModelConfig(**SHAPES[shape]))  # torch's default init: fine for timing
+    return model.to(dtype).eval()
+
+
+class StepTimer:
+    """Wraps the runner's execute to time every step and note whether it was a pure decode step."""
+
+    def __init__(self, engine: Engine):
+        self.records: list[tuple[float, int, bool]] = []  # (seconds, sequences, decode-only)
+        self.execute = engine.runner.execute
+        engine.runner.execute = self
+
+    def __call__(self, plan):
+        start = time.perf_counter()
+        out = self.execute(plan)
+        out.logits.sum().item()  # wait for the step's GPU work
+        decode = all(len(s.token_ids) == 1 for s in plan.seqs)
+        self.records.append((time.perf_counter() - start, len(plan.seqs), decode))
+        return out
+
+
+def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag: str) -> dict:
+    gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()
+        engine.add_request(f"{tag}-{i}", prompt, params, lora=adapters[i % len(adapters)])
+    timer.records.clear()
+    before = engine.stats().generation_tokens_total
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    tokens = engine.stats().generation_tokens_total - before
+    decode = [(s, n) for s, n, d in timer.records if d]
+    decode_s = sum(s for s, _ in decode)
+    return {"seconds": elapsed, "output_tokens_per_s": tokens / elapsed,
+            "decode_tokens_per_s": sum(n for _, n in decode) / decode_s if decode_s else 0.0,
+            "decode_step_ms_median": 1e3 * statistics.median(s for s, _ in decode) if decode else 0.0,
+            "steps": len(timer.records)}
+
+
+def measure(engine: Engine, adapters: list[str | None], args, name: str) -> dict:
+    timer = StepTimer(engine)
+    run(engine, timer, adapters, args, f"{name}-warmup")
+    runs = [run(engine, timer, adapters, args, f"{name}-{r}") for r in range(args.repeats)]
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return {"name": name, "distinct_adapters": len([a for a in adapters if a]), "median": median, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--adapter-counts", default="1,8,32")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", default="out/bench_multi_lora.json")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
+                                                           else torch.float32)
+    counts = [int(c) for c in args.adapter_counts.split(",")]
+    kv_tokens = 16 * -(-(args.batch * (args.prompt_len + args.output_len + 16)) // 16)
+    engine_config = dict(model="", device=args.device, max_num_seqs=args.batch, kv_cache_tokens=kv_tokens,
+                         max_num_batched_tokens=max(2048, args.prompt_len), max_model_len=args.prompt_len +
+                         args.output_len + 16, seed=args.seed, enable_prefix_caching=False)
+    results = []
+
+    engine = Engine(EngineConfig(**engine_config), model=build_model(args.shape, args.device, dtype, args.seed),
+                    tokenizer=None)
+    results.append(measure(engine, [None], args, "base, LoRA off"))
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+
+    with tempfile.TemporaryDirectory() as root:
+        model = build_model(args.shape, args.device, dtype, args.seed)
+        names = [f"adapter-{i}" for i in range(max(counts))]
+        load_start = time.perf_counter()
+        for i, name in enumerate(names):
+            write_random_adapter(model, Path(root) / name, r=args.rank, alpha=2 * args.rank, seed=i,
+                                 strength=0.05)
+        write_s = time.perf_counter() - load_start
+        adapters = AdapterServingConfig(lora_root=root, max_loras=max(counts), max_lora_rank=args.rank)
+        engine = Engine(EngineConfig(**engine_config), model=model, tokenizer=None, adapters=adapters)
+        load_start = time.perf_counter()
+        for name in names:
+            engine.adapters.load(name, name)
+        load_s = (time.perf_counter() - load_start) / len(names)
+        results.append(measure(engine, [None], args, "base, LoRA on"))
+        for n in counts:
+            results.append(measure(engine, names[:n], args, f"{n} adapters"))
+        evictions = engine.adapters.evictions
+
+    ref = results[0]["median"]
+    print(f"{'configuration':<18}{'out tok/s':>12}{'decode tok/s':>14}{'decode step ms':>16}{'vs base':>10}")
+    for r in results:
+        m = r["median"]
+        r["ratio_vs_base"] = m["output_tokens_per_s"] / ref["output_tokens_per_s"]
+        r["decode_ratio_vs_base"] = m["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        print(f"{r['name']:<18}{m['output_tokens_per_s']:>12.1f}{m['decode_tokens_per_s']:>14.1f}"
+              f"{m['decode_step_ms_median']:>16.2f}{r['decode_ratio_vs_base']:>10.3f}")
+    print(f"adapter load {1e3 * load_s:.1f} ms each (files written in {write_s:.1f} s); slot evictions {evictions}")
+
+    report = {"benchmark": "multi_lora", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "commit": git_commit(), "hardware": hardware(),
+        "settings": {**vars(args), "dtype": str(dtype), "kv_cache_tokens": kv_tokens},
+        "adapter_load_seconds_each": load_s, "results": results}
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
