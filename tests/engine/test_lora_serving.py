@@ -252,3 +252,29 @@ def test_bad_adapters_are_refused_and_nothing_is_loaded(base_model, lora_root, t
     assert expect in info.value.message
     assert isinstance(info.value, AdapterNotFoundError) == (case == "missing")
     assert engine.adapters.adapters() == [] and engine.adapters.host_bytes() == 0
+
+
+def test_pinned_adapter_stays_resident_and_limits_hold(base_model, lora_root):
+    engine = Engine(EngineConfig(model="", device="cpu", max_model_len=128, kv_cache_tokens=2048),
+                    model=copy.deepcopy(base_model), tokenizer=None,
+                    adapters=AdapterServingConfig(lora_root=str(lora_root), max_loras=2, max_lora_rank=8,
+                                                  max_cpu_loras=3))
+    reg = engine.adapters
+    reg.load("x", "x", pinned=True)
+    with pytest.raises(InvalidRequestError, match="pinning would leave no device slot"):
+        reg.load("y", "y", pinned=True)
+    reg.load("y", "y")
+    reg.load("d", "d")
+    with pytest.raises(InvalidRequestError, match="max_cpu_loras=3"):
+        reg.load("x2", "x2")
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for i, name in enumerate(["x", "y", "d", "y", "d"]):  # one at a time: y and d take turns in the free slot
+        engine.add_request(f"r{i}", [1, 2, 3, 4], params, lora=name)
+        while engine.has_unfinished():
+            engine.step()
+        on_device = {a.name for a in reg.adapters() if a.on_device}
+        assert "x" in on_device and name in on_device
+    assert reg.evictions == 3
+    # With x pinned, a batch holding y and d would need three slots: they are admitted one after the other.
+    version = {a.name: a.version for a in reg.adapters()}
+    assert reg.fits({("y", version["y"])}) and not reg.fits({("y", version["y"]), ("d", version["d"])})
