@@ -18,7 +18,7 @@ from engine.outputs import RequestOutputAccumulator
 from server.admission import Slot
 from server.disconnect import run_until_disconnect
 from server.errors import APIError, bad_request
-from server.generation import EngineRun
+from server.generation import EngineRun, start_run
 from server.models import Target
 from server.protocol.common import UsageInfo
 from server.state import ServerState
@@ -58,7 +58,7 @@ class Job:
     def start(self) -> EngineRun:
         """Hand every prompt to the engine; iterate the result for `(prompt_index, RequestOutput delta)`."""
         trackers = [GenerationTracker(self.state.metrics, self.record, len(p)) for p in self.prompts]
-        return EngineRun(self.state.engine, self.prompts, self.params, self.request_id, trackers,
+        return start_run(self.state.engine, self.prompts, self.params, self.request_id, trackers,
                          self.target.adapter)
 
     async def collect(self) -> list[Any]:

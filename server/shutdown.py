@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -36,8 +37,13 @@ class DrainingServer(uvicorn.Server):
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    # Logged once the socket accepts and the engine is warm: scripts wait for this line.
-                    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+                    line = f"listening on http://{f'[{host}]' if ':' in host else host}:{port}"
+                    # Written once the socket accepts and the engine is warm: scripts wait for this line,
+                    # so it appears even when the log level hides info messages.
+                    if log.isEnabledFor(logging.INFO):
+                        log.info(line)
+                    else:
+                        print(line, file=sys.stderr, flush=True)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._loop is not None and not self.state.admission.draining:

@@ -52,6 +52,10 @@ class GenerationTracker:
     def __init__(self, metrics: ServerMetrics, record: RequestRecord, num_prompt_tokens: int):
         self.metrics = metrics
         self.record = record
+        # Labelled children looked up once: observe() runs for every token.
+        model, adapter = metrics.model, record.adapter
+        self._generation_tokens = metrics.generation_tokens.labels(model, adapter)
+        self._itl = metrics.itl.labels(model)
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = time.monotonic()
         self.first_token: float | None = None
@@ -77,11 +81,11 @@ class GenerationTracker:
                 if self.record.ttft is None:
                     self.record.ttft = ttft
             elif self.last_token is not None:
-                m.itl.labels(model).observe(now - self.last_token)
+                self._itl.observe(now - self.last_token)
             self.last_token = now
             self.generated += new
             self.record.completion_tokens += new
-            m.generation_tokens.labels(model, adapter).inc(new)
+            self._generation_tokens.inc(new)
         for choice in out.outputs:
             if choice.finish_reason is not None:
                 m.request_success.labels(model, adapter, choice.finish_reason).inc()
