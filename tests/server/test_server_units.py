@@ -101,3 +101,19 @@ def test_stream_errors_become_an_error_event_then_done():
     assert body["error"]["type"] == "server_error" and "step failed" in body["error"]["message"]
     assert parts[2] == DONE and len(parts) == 3
     assert seen[0].status == 500
+
+
+def test_default_model_is_the_bundled_one_or_a_cached_tiny_model(tmp_path, monkeypatch):
+    from server import engine_loader
+
+    bundled = tmp_path / "models" / "ember-stories"
+    monkeypatch.setattr(engine_loader, "BUNDLED_MODEL", bundled)
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    first = engine_loader.default_model_dir()
+    assert first == tmp_path / "cache" / engine_loader.TINY_NAME and (first / "config.json").is_file()
+    assert engine_loader.default_model_dir() == first  # made once, then reused
+    assert not any(p.name.startswith(".tiny-") for p in first.parent.iterdir())  # no half-written leftovers
+    bundled.mkdir(parents=True)
+    (bundled / "config.json").write_text("{}")
+    assert engine_loader.default_model_dir() == bundled
+    assert engine_loader.served_name(ServerSettings(), bundled) == "ember-stories"
