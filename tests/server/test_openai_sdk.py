@@ -170,3 +170,20 @@ def test_authentication_error(server):
     assert exc.value.body["code"] == "invalid_api_key" and "API key" in exc.value.message
     assert httpx.get(server.url + "/health").status_code == 200  # probes stay public
     assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+def test_streamed_logprobs_match_non_streamed(client):
+    chat = dict(model="tiny", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [t for c in client.chat.completions.create(**chat, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in plain]
+
+    comp = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    whole = client.completions.create(**comp).choices[0].logprobs
+    tokens, offsets = [], []
+    for chunk in client.completions.create(**comp, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset
