@@ -75,15 +75,20 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ember.server")
 
+    # Bind first: a taken port fails in a second, not after the model has loaded.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+
     path = model_dir(settings)
     log.info("loading model from %s", path)
     engine = build_engine(settings, path)
     app = create_app(settings, engine=engine)
-
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = DrainingServer(config, app.state.ember, settings.drain_timeout)
