@@ -35,7 +35,7 @@ from torch import nn
 from engine.adapter_io import AdapterError, read_adapter
 from engine.adapter_paths import AdapterNotFoundError, resolve_adapter_path
 from engine.errors import InvalidRequestError
-from engine.kernels.lora_batched import build_segments
+from engine.kernels.lora_batched import StaticSegments, build_segments
 from engine.lora import DEFAULT_TARGETS, base_weight, lora_scaling
 from engine.lora_serving import LoraBatch, LoraStepContext, ServingLoraLinear, inject_serving_lora, serving_targets
 
@@ -307,11 +307,18 @@ class AdapterRegistry:
 
         adapters[i] is sequence i's (name, version) or None; num_tokens[i] its token count this step.
         """
-        needed = {key for key in adapters if key is not None}
-        if not needed:
+        slot_of, has_dora = self._assign_slots(adapters)
+        if not slot_of:
             return None
+        token_slots: list[int] = []
+        for key, n in zip(adapters, num_tokens):
+            token_slots.extend([slot_of[key] if key is not None else -1] * n)
+        return LoraBatch(build_segments(token_slots, self.device), has_dora)
+
+    def _assign_slots(self, adapters: Sequence[tuple | None]) -> tuple[dict[tuple, int], bool]:
+        needed = {key for key in adapters if key is not None}
+        slot_of: dict[tuple, int] = {}
         with self._cond:
-            slot_of: dict[tuple, int] = {}
             for key in sorted(needed, key=repr):
                 version = self._versions.get(key)
                 if version is None or version.modules is None:
@@ -320,11 +327,22 @@ class AdapterRegistry:
                     self._make_resident(version, needed)
                 version.last_used = next(self._clock)
                 slot_of[key] = version.slot
-            has_dora = any(self._versions[key].use_dora for key in needed)
-        token_slots: list[int] = []
-        for key, n in zip(adapters, num_tokens):
-            token_slots.extend([slot_of[key] if key is not None else -1] * n)
-        return LoraBatch(build_segments(token_slots, self.device), has_dora)
+            return slot_of, any(self._versions[key].use_dora for key in needed)
+
+    # -- CUDA graphs (decode) -----------------------------------------------------------------
+    def enable_graphs(self, max_batch: int) -> None:
+        """Allocate the static segment buffers decode graphs capture (one token per sequence)."""
+        self._static = StaticSegments(max_batch, self.config.max_loras, self.device)
+
+    def graph_batch(self, batch_size: int) -> LoraBatch:
+        """The LoraBatch a decode graph of `batch_size` rows is captured with. The DoRA form is always
+        used (LoRA slots have a factor of 1), so one graph serves every mix of adapters."""
+        return LoraBatch(self._static.view(batch_size), has_dora=True)
+
+    def prepare_graph_step(self, adapters: Sequence[tuple | None], batch_size: int) -> None:
+        """Make a decode step's adapters resident and write its grouping into the graphs' buffers."""
+        slot_of, _ = self._assign_slots(adapters)
+        self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
 
     def _make_resident(self, version: _Version, protected: set) -> None:
         slot = next((i for i, v in enumerate(self._slots) if v is None), None)

@@ -16,9 +16,10 @@ mixed steps run eagerly. Capture takes a warm-up forward and a capture forward p
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -81,8 +82,9 @@ class DecodeGraphs:
     """Captured decode forwards per bucket, their static inputs and outputs."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, cos_sin_cache: torch.Tensor, max_num_seqs: int,
-                 max_model_len: int):
+                 max_model_len: int, adapters: Any = None):
         self.model = model
+        self.adapters = adapters  # AdapterRegistry: its batched-LoRA kernels are captured too
         self.kv_cache = kv_cache
         self.cos_sin_cache = cos_sin_cache
         self.block_size = kv_cache.block_size
@@ -103,6 +105,8 @@ class DecodeGraphs:
         self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if adapters is not None:
+            adapters.enable_graphs(self.max_batch)
         self.capture_seconds = 0.0
 
     # -- capture --------------------------------------------------------------------------------
@@ -116,7 +120,11 @@ class DecodeGraphs:
         positions = self.vec[POSITIONS, :bs]
         attn = FusedRopePagedAttention(self.kv_cache, self._metadata(bs), self.head_dim, self.cos_sin_cache,
                                        positions)
-        hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
+        lora = contextlib.nullcontext()
+        if self.adapters is not None:
+            lora = self.adapters.context.use(self.adapters.graph_batch(bs))
+        with lora:
+            hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
         return self.model.compute_logits(hidden[0]).float()
 
     @torch.inference_mode()
@@ -156,6 +164,8 @@ class DecodeGraphs:
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.tables[:bs, :width].copy_(self.host_tables[:bs * width].view(bs, width), non_blocking=True)
         self.copied.record()
+        if self.adapters is not None:  # each row's adapter slot, into the buffers the graph reads
+            self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)
         return ModelInput(
             input_ids=self.vec[IDS, :n].view(1, n),
             positions=self.vec[POSITIONS, :n].view(1, n),

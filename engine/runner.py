@@ -83,11 +83,11 @@ class ModelRunner:
         self.cuda_graph_capture_s = 0.0
         if self.use_kernels and self.device.type == "cuda":
             self._warm_up_prefill()
-            if adapters is None and not self.enforce_eager:
+            if not self.enforce_eager:
                 from engine.cuda_graphs import DecodeGraphs
 
                 self.graphs = DecodeGraphs(model, self.kv_cache, self.cos_sin_cache, config.max_num_seqs,
-                                           max_model_len)
+                                           max_model_len, adapters=adapters)
                 self.cuda_graph_capture_s = self.graphs.capture()
 
     @property

@@ -40,6 +40,7 @@ def _shrink_kernel(
     r_ok = r < R
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_hi = tl.where(count > 0, k_hi, k_lo)  # an empty chunk (fixed CUDA-graph grids) does no work
     a_base = a_ptr + slot * stride_as
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -74,8 +75,9 @@ def _expand_kernel(
     n_ok = n < N
     r = tl.arange(0, BLOCK_R)
     t = tl.load(t_ptr + (start + m)[:, None] * stride_tm + r[None, :], mask=m_ok[:, None], other=0.0)  # fp32
+    r_lim = tl.where(count > 0, R, 0)  # an empty chunk (fixed CUDA-graph grids) reads no B
     bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
-                 mask=n_ok[:, None] & (r[None, :] < R), other=0.0)  # [BLOCK_N, BLOCK_R]
+                 mask=n_ok[:, None] & (r[None, :] < r_lim), other=0.0)  # [BLOCK_N, BLOCK_R]
     upd = tl.dot(t.to(bt.dtype), tl.trans(bt), input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
     upd = upd * tl.load(scale_ptr + slot)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.lora_batched import add_lora, build_segments, lora_batched_ref
+from engine.kernels.lora_batched import StaticSegments, add_lora, build_segments, chunk_capacity, lora_batched_ref
 from engine.kernels.testing import assert_close_rel, require_backend
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -99,6 +99,34 @@ def test_triton_cpu_long_groups():
     require_backend("cpu")
     # Groups longer than a tile: chunks of 16 within one slot, split K.
     _check_triton("cpu", torch.float16, 70, 256, 64, 3, 16, [1, 2], False, block_m=16)
+
+
+def _check_static(device, dtype, k, n_out):
+    """Fixed chunk grid as CUDA graphs capture it: padding rows, empty chunks, refills between calls."""
+    from engine.kernels.lora_batched_triton import lora_batched_triton
+
+    static = StaticSegments(max_tokens=40, num_slots=5, device=torch.device(device))
+    for n, used in ((32, [0, 1, 2, 3, 4]), (20, [3]), (32, [1, 4])):
+        slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, 5, 16, dtype, device, used, dora=True)
+        slots[-3:] = [-1, -1, -1]  # the bucket's padding rows
+        static.fill(slots[:-3], n)
+        seg = static.view(n)
+        assert seg.num_chunks == chunk_capacity(n, 5)
+        base = [i for i, s in enumerate(slots) if s < 0]
+        out = lora_batched_triton(y.clone(), x, seg, a, b, scaling, rescale)
+        assert torch.equal(out[base], y[base])
+        assert_close_rel(out.float(), per_token_float64(y, x, slots, a, b, scaling, rescale).float(), TOL[dtype])
+
+
+def test_triton_cpu_static_segments():
+    require_backend("cpu")
+    _check_static("cpu", torch.float32, 96, 80)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_static_segments():
+    require_backend("cuda")
+    _check_static("cuda", torch.bfloat16, 2048, 4096)
 
 
 @pytest.mark.gpu
