@@ -9,9 +9,9 @@ cache slot -1 (nothing written) and context length 0 (the attention kernel retur
 Inputs live in static device buffers the graphs were captured on. Each step the host packs
 ids, positions, slots and context lengths into one pinned array and the block tables into a
 second, and copies both to the device (two transfers, no other launches before the replay).
-Logits come out of the graph as float32 [bucket, V]; sampling runs outside it. Prefill and
-mixed steps run eagerly. Capture takes a warm-up forward and a capture forward per bucket
-(about 0.1-0.5 s each, longer the first time Triton compiles): see docs/performance.md.
+Logits come out of the graph as float32 rows of one buffer shared by all buckets; sampling runs
+outside it. Prefill and mixed steps run eagerly. Capture takes a warm-up forward and a capture
+forward per bucket (longer the first time Triton compiles): see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -99,12 +99,14 @@ class DecodeGraphs:
         self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(self.max_batch, device=dev)
+        # One output buffer for every bucket (a graph writes its first rows), not one per graph.
+        self.logits = torch.empty(self.max_batch, model.config.vocab_size, dtype=torch.float32, device=dev)
         # Host staging (pinned, so the copies are asynchronous) and numpy views to fill it fast.
         self.host_vec = torch.zeros(4, self.max_batch, dtype=torch.int32).pin_memory()
         self.host_tables = torch.zeros(self.max_batch * self.max_blocks, dtype=torch.int32).pin_memory()
         self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if adapters is not None:
             adapters.enable_graphs(self.max_batch)
         self.capture_seconds = 0.0
@@ -115,8 +117,8 @@ class DecodeGraphs:
                                       context_lens=self.vec[CONTEXT_LENS, :bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
                                       max_seqlen_q=1, max_context_len=None)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        """The captured computation: decode forward of the first bs static rows -> float32 logits [bs, V]."""
+    def _forward(self, bs: int) -> None:
+        """The captured computation: decode forward of the first bs static rows into self.logits[:bs] (float32)."""
         positions = self.vec[POSITIONS, :bs]
         attn = FusedRopePagedAttention(self.kv_cache, self._metadata(bs), self.head_dim, self.cos_sin_cache,
                                        positions)
@@ -125,7 +127,7 @@ class DecodeGraphs:
             lora = self.adapters.context.use(self.adapters.graph_batch(bs))
         with lora:
             hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
-        return self.model.compute_logits(hidden[0]).float()
+        self.logits[:bs].copy_(self.model.compute_logits(hidden[0]))
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -141,9 +143,9 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(bs)
+                self._forward(bs)
             pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            self.graphs[bs] = graph
         self.vec[CONTEXT_LENS] = 0
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
@@ -178,6 +180,5 @@ class DecodeGraphs:
 
     def replay(self, inp: ModelInput) -> torch.Tensor:
         """Run the captured step; float32 logits [n, V], a view valid until the next replay."""
-        graph, logits = self.graphs[inp.graph_batch]
-        graph.replay()
-        return logits[: inp.logits_indices.shape[0]]
+        self.graphs[inp.graph_batch].replay()
+        return self.logits[: inp.logits_indices.shape[0]]

@@ -134,4 +134,4 @@ def fuse_model(model: nn.Module) -> nn.Module:
         stack.layers[i] = FusedDecoderLayer(layer)
     if isinstance(stack.norm, RMSNorm):
         stack.norm = FusedRMSNorm(stack.norm)
-    return model
+    return model.train(model.training)  # the new modules take the model's mode

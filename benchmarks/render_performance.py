@@ -1,0 +1,158 @@
+"""Render the tables of docs/performance.md from the benchmark JSON files, so no figure is retyped.
+
+Every JSON file in the results folder names its benchmark ("decode", "throughput", "bench_kernels");
+the newest of each (by its "date") fills the block between `<!-- BEGIN name -->` and
+`<!-- END name -->` in the document. Blocks whose JSON is missing are left as they are.
+
+    python benchmarks/render_performance.py                      # benchmarks/results -> docs/performance.md
+    python benchmarks/render_performance.py --results OUT --doc /tmp/performance.md --check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fmt(x, digits: int = 1, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:,.{digits}f}{suffix}"
+
+
+def provenance(d: dict) -> str:
+    gpu = d.get("gpu") or d.get("hardware") or "?"
+    command = d.get("command") or d.get("settings", {}).get("command") or "?"
+    return f"Run {d.get('date', '?')}, commit `{d.get('commit') or '?'}`, {gpu}, torch {d.get('torch', d.get('versions', {}).get('torch', '?'))}. Command: `{command}`"
+
+
+def render_decode(d: dict) -> str:
+    s = d["settings"]
+    lines = [provenance(d), "",
+             f"Batch 1, prompt {s['prompt_len']} tokens, {s['output_len']} tokens out, greedy, ignore_eos; "
+             f"copy bandwidth measured in the same run: **{d['copy_bandwidth_tbs']:.2f} TB/s**.", "",
+             "| model | weights | GB read / step | Ember tok/s | step ms | GPU step ms | roofline ms | % roofline "
+             "| % roofline (GPU only) | eager tok/s | HF generate tok/s | Ember / HF |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["model"], r["dtype"]): r for r in d["results"]}
+    for r in d["results"]:
+        hf = r.get("hf_tokens_per_s")
+        lines.append(
+            f"| {r['name']} | {r['dtype']} | {r['weight_gb'] + r['kv_mb_per_step'] / 1e3:.2f} | "
+            f"**{fmt(r['tokens_per_s'])}** | {fmt(r['step_ms'], 3)} | {fmt(r.get('gpu_step_ms'), 3)} | "
+            f"{fmt(r['roofline_ms'], 3)} | **{fmt(r['pct_roofline'], 0, '%')}** | {fmt(r.get('pct_roofline_gpu'), 0, '%')} | "
+            f"{fmt(r.get('eager_tokens_per_s'))} | {fmt(hf)} | {fmt(r['tokens_per_s'] / hf if hf else None, 1, 'x')} |")
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in d["results"]):
+        bf16, int4 = by_key.get((model, "bf16")), by_key.get((model, "int4"))
+        if bf16 and int4:
+            notes.append(f"{bf16['name']}: int4 / bf16 = {int4['tokens_per_s'] / bf16['tokens_per_s']:.2f}x tokens/s")
+    hf_tokens = s.get("hf_new_tokens") or {}
+    if hf_tokens:
+        notes.append("HF generate: " + ", ".join(f"{k} {v} new tokens" for k, v in hf_tokens.items())
+                     + " (decode rate from the difference of a 1-token and an N-token call)")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def render_throughput(d: dict) -> str:
+    s = d["settings"]
+    lines = [provenance(d), "",
+             f"{s['num_requests']} requests, prompt lengths U[{s['prompt_len'][0]}, {s['prompt_len'][1]}], output "
+             f"U[{s['output_len'][0]}, {s['output_len'][1]}], ignore_eos, greedy; max_num_seqs {s['max_num_seqs']}, "
+             f"max_num_batched_tokens {s['max_num_batched_tokens']}, gpu_memory_utilization "
+             f"{s['gpu_memory_utilization']}.", ""]
+    batches = s.get("hf_batch_sizes") or []
+    head = ("| model | Ember output tok/s | Ember total tok/s | seconds | steps (from graphs) | preemptions | KV tokens | "
+            + " | ".join(f"HF batch {b}" for b in batches) + " | Ember / HF best |")
+    lines += [head, "|" + "---|" * (8 + len(batches))]
+    for r in d["results"]:
+        e = r["ember"]
+        hf = {h["batch"]: h for h in r.get("hf", [])}
+        hf_cells = " | ".join(fmt(hf.get(b, {}).get("output_tokens_per_s"), 0) if "error" not in hf.get(b, {})
+                              else hf[b]["error"] for b in batches)
+        lines.append(f"| {r['name']} | **{fmt(e['output_tokens_per_s'], 0)}** | {fmt(e['total_tokens_per_s'], 0)} | "
+                     f"{fmt(e['seconds'])} | {e['steps']} ({e.get('graph_steps', 0)}) | {e['preemptions']} | "
+                     f"{e.get('kv_tokens', '-'):,} | {hf_cells} | **{fmt(r.get('speedup_vs_hf_best'), 1, 'x')}** |")
+    return "\n".join(lines + ["", f"- {d.get('hf_note', '')}"])
+
+
+def render_capture(docs: dict) -> str:
+    lines = ["| run | model | weights | batch sizes captured | capture s | engine start s |", "|---|---|---|---|---|---|"]
+    for r in docs.get("decode", {}).get("results", []):
+        sizes = r.get("graph_batch_sizes") or []
+        lines.append(f"| decode benchmark | {r['name']} | {r['dtype']} | {len(sizes)} (1..{sizes[-1] if sizes else '-'}) | "
+                     f"{fmt(r['graph_capture_s'])} | {fmt(r.get('engine_init_s'))} |")
+    t = docs.get("throughput")
+    if t:
+        top = t["settings"]["max_num_seqs"]
+        for r in t["results"]:
+            e = r["ember"]
+            lines.append(f"| throughput benchmark | {r['name']} | {r['dtype']} | up to {top} | "
+                         f"{fmt(e.get('graph_capture_s'))} | {fmt(e.get('engine_init_s'))} |")
+    return "\n".join(lines)
+
+
+def render_kernels(d: dict) -> str:
+    lines = [provenance(d), "", f"Copy bandwidth in the same run: {d['copy_TBps']:.2f} TB/s.", "",
+             "| K x N | M | cuBLAS bf16 us | int8 us (speed-up) | int4 us (speed-up) | torch int4 us (speed-up) |",
+             "|---|---|---|---|---|---|"]
+    for q in d.get("quant_matmul", []):
+        base = q["bf16_cublas_ms"]
+        t4 = q.get("torch_int4pack_ms")
+        lines.append(f"| {q['K']} x {q['N']} | {q['M']} | {base * 1e3:.1f} | {q['int8_ms'] * 1e3:.1f} "
+                     f"({q['int8_speedup_vs_bf16']:.2f}x) | {q['int4_ms'] * 1e3:.1f} ({q['int4_speedup_vs_bf16']:.2f}x) | "
+                     + (f"{t4 * 1e3:.1f} ({base / t4:.2f}x) |" if t4 else "- |"))
+    lines += ["", "| batch x context | paged us | paged TB/s | % of copy | SDPA (contiguous) us | paged / SDPA speed |",
+              "|---|---|---|---|---|---|"]
+    for a in d.get("decode_attention", []):
+        lines.append(f"| {a['batch']} x {a['context']} | {a['paged_ms'] * 1e3:.1f} | {a['paged_TBps']:.2f} | "
+                     f"{a['paged_pct_of_copy']:.0f}% | {a['sdpa_ms'] * 1e3:.1f} | {a['paged_vs_sdpa']:.2f}x |")
+    return "\n".join(lines)
+
+
+def newest(results: Path) -> dict[str, dict]:
+    """The newest JSON of each benchmark kind in `results`."""
+    found: dict[str, dict] = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        kind = {"bench_kernels": "kernels"}.get(d.get("benchmark"), d.get("benchmark"))
+        if kind and (kind not in found or d.get("date", "") > found[kind].get("date", "")):
+            found[kind] = d
+    return found
+
+
+def render(doc: str, docs: dict[str, dict]) -> str:
+    blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels}
+    tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
+    if "decode" in docs or "throughput" in docs:
+        tables["capture"] = render_capture(docs)
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
+        doc = pattern.sub(lambda m: m.group(1) + table + m.group(2), doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--check", action="store_true", help="print the rendered document instead of writing it")
+    args = ap.parse_args(argv)
+    docs = newest(Path(args.results))
+    doc_path = Path(args.doc)
+    text = render(doc_path.read_text(), docs)
+    if args.check:
+        print(text)
+    else:
+        doc_path.write_text(text)
+        print(f"rendered {', '.join(sorted(docs)) or 'nothing'} into {doc_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""What every GPU benchmark records beside its figures: when, which commit, which GPU and software,
+the command; plus the copy bandwidth the roofline percentages are set against."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (EMBER_COMMIT wins: the device copy of the tree may have no .git)."""
+    if os.environ.get("EMBER_COMMIT"):
+        return os.environ["EMBER_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_info(argv: list[str]) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": "python " + shlex.join(argv),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30, repeats: int = 10) -> float:
+    """Copy bandwidth in TB/s (bytes read plus bytes written), median of repeats; CUDA events on a GPU."""
+    if not device.startswith("cuda"):  # CPU plumbing runs: a small buffer, wall time
+        nbytes = 64 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            ms.append((time.perf_counter() - t) * 1e3)
+    del src, dst
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return 2 * nbytes / (statistics.median(ms) * 1e-3) / 1e12
+
+
+def write_json(path: str | os.PathLike, report: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
