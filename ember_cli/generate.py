@@ -46,6 +46,7 @@ def parse_ids(text: str) -> list[int]:
 def run_generate(args: argparse.Namespace) -> int:
     from engine.checkpoint import load_model
     from engine.generate import generate_reference
+    from engine.detokenizer import IncrementalDetokenizer
     from engine.tokenizer import Tokenizer
 
     if args.prompts_file:
@@ -69,7 +70,9 @@ def run_generate(args: argparse.Namespace) -> int:
     eos = sorted(set(config.eos_token_ids) | set(tok.eos_ids))
     out = generate_reference(model, prompt_ids, args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, eos_ids=eos, ignore_eos=args.ignore_eos)
-    text = tok.decode(out)
+    # Decode after the prompt's tokens so a word-initial piece keeps its leading space.
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt_ids)
+    text = detok.add_many(out) + detok.finish()
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out, "text": text}, ensure_ascii=False))
     else:
