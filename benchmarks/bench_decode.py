@@ -19,6 +19,7 @@ CUDA graphs) is timed too for bf16.
 
     python benchmarks/bench_decode.py --out decode.json                   # the H200 run (~3 min)
     python benchmarks/bench_decode.py --shapes 1b --dtypes bf16 --no-hf --out d.json
+    python benchmarks/bench_decode.py --smoke --out /tmp/d.json           # CPU plumbing check, seconds
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ a static batch running to its longest request is not counted) and only one batch
 
     python benchmarks/bench_throughput_gpu.py --out throughput.json          # the H200 run (~3.5 min)
     python benchmarks/bench_throughput_gpu.py --shapes 1b --num-requests 200 --out t.json
+    python benchmarks/bench_throughput_gpu.py --smoke --out /tmp/t.json     # CPU plumbing check, seconds
 """
 from __future__ import annotations
 
