@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     result = pretrain(cfg, resume=args.resume)
-    if result.val_loss is not None:
+    if result.val_loss is not None and os.environ.get("RANK", "0") == "0":
         print(f"validation loss {result.val_loss:.4f}")
     return 0
 

@@ -27,6 +27,14 @@ class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key and what to change."""
 
 
+def _number(name: str, value: Any) -> float:
+    # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it plainly is.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
 def _positive(section: str, **values: float | int | None) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
@@ -58,6 +66,8 @@ class OptimSection:
     fused: bool | None = None  # None: fused kernels where the device has them (CUDA)
 
     def __post_init__(self) -> None:
+        self.lr, self.weight_decay, self.eps = _number("optim.lr", self.lr), \
+            _number("optim.weight_decay", self.weight_decay), _number("optim.eps", self.eps)
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
@@ -92,6 +102,7 @@ class TrainSection:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
+    dropout: float = 0.0  # residual and embedding dropout while training (see training/dropout.py)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False  # deterministic algorithms (bit-identical reruns on the CPU)
@@ -103,6 +114,8 @@ class TrainSection:
                   max_bad_steps=self.max_bad_steps, peak_tflops=self.peak_tflops)
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ConfigError(f"train.max_grad_norm must be >= 0 or null, got {self.max_grad_norm}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"train.dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -261,7 +274,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_value(text)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -271,6 +284,19 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML scalar or list; numbers YAML 1.1 leaves as strings (`1e-3`) become floats."""
+    if not text.strip():
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _deep_copy(d: Any) -> Any:

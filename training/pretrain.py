@@ -28,6 +28,7 @@ from training.config import TrainConfig, save_config
 from training.data.token_shards import TokenShards, WindowSampler
 from training.distributed import (DistInfo, all_reduce_sum, resolve_strategy, setup_distributed,
                                   teardown_distributed, unwrap_model, wrap_model)
+from training.dropout import add_dropout
 from training.flops import flops_per_token, mfu, peak_tflops
 from training.logging import MetricLogger
 from training.optim import build_optimizer
@@ -114,7 +115,7 @@ def sample_texts(model: torch.nn.Module, cfg: TrainConfig, precision: Precision,
             out = generate_reference(plain, ids, cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                                      top_p=0.95, seed=cfg.seed + i, eos_ids=sorted(tokenizer.eos_ids),
                                      max_len=cfg.data.seq_len)
-        texts.append(prompt + tokenizer.decode(out))
+        texts.append(tokenizer.decode(ids + out))  # decoding together keeps the space at the seam
     plain.train(was_training)
     return texts
 
@@ -133,12 +134,15 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
         model = Transformer(cfg.model)
     model.init_weights(cfg.seed)
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    add_dropout(model, cfg.train.dropout)
     return model
 
 
-def _set_determinism(cfg: TrainConfig) -> None:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
+def _set_determinism(cfg: TrainConfig, info: DistInfo) -> None:
+    # Weights come from init_weights' own generator (same on every rank); the global generators drive
+    # dropout, which must differ between ranks.
+    torch.manual_seed(cfg.seed + info.rank)
+    np.random.seed((cfg.seed + info.rank) % 2**32)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -170,7 +174,7 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = No
 
 
 def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> PretrainResult:
-    _set_determinism(cfg)
+    _set_determinism(cfg, info)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     sampler = TokenShards(cfg.data.train, "train").sampler(cfg.data.seq_len, seed=cfg.seed)

@@ -25,9 +25,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_run(data_dir, tmp_path_factory):
-    """30 uninterrupted steps, checkpointing every 10, with periodic validation."""
+    """30 uninterrupted steps with dropout (so RNG state matters), checkpointing every 10, validating."""
     out = tmp_path_factory.mktemp("straight")
-    cfg = tiny_config(data_dir, out, checkpoint={"every": 10}, eval={"every": 10})
+    cfg = tiny_config(data_dir, out, checkpoint={"every": 10}, eval={"every": 10}, train={"dropout": 0.1})
     return cfg, pretrain(cfg)
 
 
@@ -63,7 +63,7 @@ def test_losses_match_golden_record(straight_run):
 
 def test_stop_and_resume_gives_bit_identical_losses(straight_run, data_dir, tmp_path):
     cfg_straight, straight = straight_run
-    cfg = tiny_config(data_dir, tmp_path, checkpoint={"every": 10}, eval={"every": 10})
+    cfg = tiny_config(data_dir, tmp_path, checkpoint={"every": 10}, eval={"every": 10}, train={"dropout": 0.1})
     first = pretrain(cfg, stop_at=13)  # stops between checkpoints; a checkpoint is written at the stop
     assert first.final_step == 13 and first.final_model is None
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_000000013"
