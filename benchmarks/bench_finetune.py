@@ -8,6 +8,7 @@ the same run is Hugging Face transformers (+ peft for LoRA) on the same shape, b
     python benchmarks/bench_finetune.py --out bench_finetune.json                  # H200: ~4 min
     python benchmarks/bench_finetune.py --methods lora,qlora --seq-len 1024 --out x.json
     python benchmarks/bench_finetune.py --shape tiny --device cpu --steps 2 --out /tmp/f.json   # plumbing
+    python benchmarks/bench_finetune.py --render benchmarks/results docs/performance.md          # the doc's table
 
 Figures: tokens/s = batch x seq_len x steps / wall time of the measured steps (after warm-up, CUDA
 synchronised); peak = torch.cuda.max_memory_allocated over the whole child (weights, optimizer state,
@@ -178,6 +179,42 @@ def child_args(args, method: str) -> list[str]:
     return out + (["--grad-ckpt"] if args.grad_ckpt else [])
 
 
+def render_table(record: dict) -> str:
+    """The markdown block of docs/performance.md for one results file."""
+    s = record["settings"]
+    rows = {r["method"]: r for r in record["results"] if "error" not in r}
+    full = rows.get("full")
+    lines = [f"Run {record['date']}, commit `{record['commit']}`, {record['gpu']}, torch {record['torch']}. "
+             f"Command: `{record.get('command', 'python benchmarks/bench_finetune.py')}`", "",
+             f"Random-weight Llama-3.2-1B shape ({record['results'][0]['total_params']:,} parameters, 128k vocabulary), "
+             f"batch {s['batch']} x {s['seq_len']} tokens, rank {s['rank']} on all seven projections, AdamW, bf16 "
+             f"autocast, activation checkpointing {'on' if s['grad_ckpt'] else 'off'}; {s['steps']} measured steps "
+             f"after {s['warmup']} warm-up steps.", "",
+             "| method | trainable | weights GiB | peak GiB | tokens/s | vs Ember full |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ratio = r["tokens_per_s"] / full["tokens_per_s"] if full else None
+        lines.append(f"| {name} | {r['trainable_params']:,} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def render_into(doc: Path, results: Path) -> None:
+    """Fill the `finetune` block of doc from the newest finetune JSON in the results folder."""
+    import re
+
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    found = [d for d in found if d.get("benchmark") == "finetune"]
+    if not found:
+        raise SystemExit(f"no finetune results in {results}")
+    table = render_table(max(found, key=lambda d: d["date"]))
+    pattern = re.compile(r"(<!-- BEGIN finetune -->\n).*?(\n<!-- END finetune -->)", re.S)
+    text = doc.read_text()
+    if not pattern.search(text):
+        raise SystemExit(f"{doc}: no <!-- BEGIN finetune --> ... <!-- END finetune --> block")
+    doc.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
+    print(f"rendered finetune into {doc}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
@@ -191,7 +228,13 @@ def main() -> None:
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder layer")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--render", nargs=2, metavar=("RESULTS_DIR", "DOC"), default=None,
+                   help="only fill DOC's finetune block from the newest results JSON, e.g. "
+                        "benchmarks/results docs/performance.md")
     args = p.parse_args()
+    if args.render:
+        render_into(Path(args.render[1]), Path(args.render[0]))
+        return
     if args.child:
         print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
         return
@@ -223,6 +266,7 @@ def main() -> None:
     record = {
         "benchmark": "finetune", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(), "host": platform.node(), "torch": torch.__version__,
+        "command": "python " + " ".join(["benchmarks/bench_finetune.py", *sys.argv[1:]]),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
         "shape": SHAPES[args.shape], "results": results,
