@@ -13,6 +13,7 @@ from torch import nn
 from engine.checkpoint import load_model
 from engine.config import ModelConfig
 from engine.lora import LoraConfig, inject_adapters, mark_only_adapters_trainable
+from training.dropout import add_dropout
 from training.finetune_config import FinetuneConfig, QloraSection
 
 
@@ -75,6 +76,7 @@ def load_for_finetuning(cfg: FinetuneConfig, device: torch.device, precision: st
     lora_config = apply_method(model, cfg.method, cfg.lora_config() if cfg.uses_adapter else None,
                                cfg.qlora, device)
     model.to(device)
+    add_dropout(model, cfg.train.dropout)  # residual dropout (train.dropout, default 0), training mode only
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     model.train()
     trainable, total = count_params(model)
