@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.adapter_io import load_adapter
-from engine.checkpoint import load_config, parse_dtype, save_model
-from engine.checkpoint import load_model
+from engine.checkpoint import load_config, load_model, parse_dtype, save_model
 from engine.lora import merge_adapters
 
 
