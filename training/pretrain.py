@@ -13,6 +13,7 @@ final/ (the model in the Hugging Face layout, `checkpoint.export_dtype`), loss_c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -173,17 +174,20 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = No
         teardown_distributed()
 
 
-def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> PretrainResult:
-    _set_determinism(cfg, info)
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    sampler = TokenShards(cfg.data.train, "train").sampler(cfg.data.seq_len, seed=cfg.seed)
-    if sampler.shards.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the data's tokenizer has {sampler.shards.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}")
-    val_sampler = open_val_sampler(cfg)
-    tokenizer = _load_tokenizer(cfg)
+@dataclass
+class TrainingParts:
+    """The live objects of a run: the (wrapped) model and what updates it."""
 
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainer: Trainer
+    precision: Precision
+    strategy: str
+
+
+def build_training(cfg: TrainConfig, info: DistInfo) -> TrainingParts:
+    """Model (compiled and wrapped for data parallelism as configured), AdamW, schedule and step runner."""
     strategy = resolve_strategy(cfg.parallel.strategy, info)
     precision = resolve_precision(cfg.train.precision, info.device)
     fsdp_dtype = precision.autocast_dtype if strategy == "fsdp" else None
@@ -197,10 +201,55 @@ def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) ->
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
     trainer = Trainer(model, optimizer, scheduler, precision=precision, max_grad_norm=cfg.train.max_grad_norm,
                       max_bad_steps=cfg.train.max_bad_steps)
+    return TrainingParts(model, optimizer, scheduler, trainer, precision, strategy)
 
-    step, position = 0, 0
-    if resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        saved = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=scheduler)
+
+class _LogWindow:
+    """Losses and wall time since the last log line, for averaged loss and tokens/s."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: float, skipped: bool) -> None:
+        self.steps += 1
+        if not skipped:
+            self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step * self.steps / max(time.perf_counter() - self.t0, 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (evaluation, checkpoints) out of tokens/s."""
+        start = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - start
+
+
+def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> PretrainResult:
+    _set_determinism(cfg, info)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    sampler = TokenShards(cfg.data.train, "train").sampler(cfg.data.seq_len, seed=cfg.seed)
+    if sampler.shards.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the data's tokenizer has {sampler.shards.vocab_size} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}")
+    val_sampler = open_val_sampler(cfg)
+    tokenizer = _load_tokenizer(cfg)
+    parts = build_training(cfg, info)
+    model, trainer, precision = parts.model, parts.trainer, parts.precision
+
+    step, position, found = 0, 0, latest_checkpoint(ckpt_root) if resume else None
+    if found is not None:
+        saved = load_checkpoint(found, model=model, optimizer=parts.optimizer, scheduler=parts.scheduler)
         step, position = saved["step"], saved["state"]["data_position"]
         trainer.load_state_dict(saved["state"].get("trainer", {}))
     if info.is_main:
@@ -208,27 +257,28 @@ def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) ->
         save_config(cfg, out / "config.yaml")
     logger = MetricLogger(out, enabled=info.is_main, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
                           total_steps=cfg.train.max_steps, start_step=step)
-    if step:
+    if found is not None:
         logger.print(f"resumed from {found} at step {step}")
-    n_params = cfg.model.num_parameters()
-    logger.print(f"{cfg.name}: {n_params / 1e6:.2f}M parameters, {info.world_size} process(es) on "
-                 f"{info.device.type}, {strategy}, {precision.name}; {windows_per_step(cfg, info.world_size)} "
-                 f"x {cfg.data.seq_len} tokens a step; {len(sampler)} windows an epoch")
-
     G = windows_per_step(cfg, info.world_size)
+    logger.print(f"{cfg.name}: {cfg.model.num_parameters() / 1e6:.2f}M parameters, {info.world_size} process(es) "
+                 f"on {info.device.type}, {parts.strategy}, {precision.name}; {G} x {cfg.data.seq_len} tokens a "
+                 f"step; {len(sampler)} windows an epoch")
+
     tokens_per_step = G * cfg.data.seq_len
     peak = cfg.train.peak_tflops or peak_tflops(info.device)
     result = PretrainResult(out_dir=out, start_step=step, final_step=step)
-    window: list[float] = []
-    t0, steps_in_window = time.perf_counter(), 0
+    window = _LogWindow()
     last_saved = step
     end = min(cfg.train.max_steps, stop_at) if stop_at is not None else cfg.train.max_steps
 
     def checkpoint() -> None:
         nonlocal last_saved
-        save_checkpoint(ckpt_root, step, model=model, config=cfg.model, optimizer=optimizer, scheduler=scheduler,
-                        state={"data_position": position, "trainer": trainer.state_dict(), "config": cfg.to_dict()},
-                        tokenizer_dir=cfg.data.tokenizer, keep_last=cfg.checkpoint.keep_last)
+        with window.paused():
+            save_checkpoint(ckpt_root, step, model=model, config=cfg.model, optimizer=parts.optimizer,
+                            scheduler=parts.scheduler, tokenizer_dir=cfg.data.tokenizer,
+                            keep_last=cfg.checkpoint.keep_last,
+                            state={"data_position": position, "trainer": trainer.state_dict(),
+                                   "config": cfg.to_dict()})
         last_saved = step
 
     while step < end:
@@ -236,29 +286,22 @@ def _run(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) ->
         position += G
         step += 1
         result.losses.append(res.loss)
+        window.add(res.loss, res.skipped)
         if res.skipped:
             logger.print(f"step {step}: update skipped (loss {res.loss}, grad norm {res.grad_norm}); "
                          f"{trainer.bad_steps} bad step(s) in a row")
-        else:
-            window.append(res.loss)
-        steps_in_window += 1
         logger.progress(step, loss=res.loss, lr=res.lr)
         if step % cfg.log.every == 0 or step == end:
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step * steps_in_window / max(dt, 1e-9)
-            logger.log(step, {
-                "loss": sum(window) / len(window) if window else float("nan"), "lr": res.lr,
-                "grad_norm": res.grad_norm, "tokens_per_s": tps, "mfu": mfu(tps, cfg.model, cfg.data.seq_len, peak,
-                                                                            info.world_size),
-                "epoch": position / max(len(sampler), 1), "tokens": step * tokens_per_step,
-            })
-            window, steps_in_window, t0 = [], 0, time.perf_counter()
+            tps = window.tokens_per_s(tokens_per_step)
+            logger.log(step, {"loss": window.mean_loss(), "lr": res.lr, "grad_norm": res.grad_norm,
+                              "tokens_per_s": tps, "mfu": mfu(tps, cfg.model, cfg.data.seq_len, peak, info.world_size),
+                              "epoch": position / max(len(sampler), 1), "tokens": step * tokens_per_step})
+            window.reset()
         if val_sampler is not None and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            _eval_and_sample(model, val_sampler, cfg, info, precision, tokenizer, logger, step)
-            t0 = time.perf_counter()
+            with window.paused():
+                _eval_and_sample(model, val_sampler, cfg, info, precision, tokenizer, logger, step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             checkpoint()
-            t0 = time.perf_counter()
 
     result.final_step = step
     if step != last_saved:

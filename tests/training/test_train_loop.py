@@ -141,3 +141,26 @@ def test_accumulation_matches_one_big_batch():
     assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-5)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_learn(precision):
+    from training.trainer import resolve_precision
+
+    prec = resolve_precision(precision, torch.device("cpu"))
+    assert (prec.scaler is not None) == (precision == "fp16")
+    model, trainer = _tiny_trainer(precision=prec)
+    losses = [trainer.step([_batch(0)]).loss for _ in range(8)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    m1, t1 = _tiny_trainer(max_grad_norm=None)
+    m2, t2 = _tiny_trainer(max_grad_norm=None)
+    m2.gradient_checkpointing = True
+    r1, r2 = t1.step([_batch(1)]), t2.step([_batch(1)])
+    assert r1.loss == r2.loss
+    assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-6)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
