@@ -8,14 +8,17 @@ int8, per output channel, symmetric:
 
 int4, group-wise along K, symmetric, group size G in {32, 64, 128} (K % G == 0):
     qweight uint8 [N, K // 2], scales [N, K // G] (floating)
-    Each byte holds two 4-bit codes c in [0, 15] standing for c - 8. Within group g (columns
-    g*G .. g*G+G-1), byte g*G/2 + j holds column g*G + j in its low nibble and column
-    g*G + G/2 + j in its high nibble, for j < G/2. So every group is G/2 contiguous bytes whose
-    low nibbles are the group's first half and high nibbles its second half: a kernel reads
-    each byte once and needs no interleave.
-        W[n, g*G + j]       = ((qweight[n, g*G/2 + j] & 15) - 8) * scales[n, g]
-        W[n, g*G + G/2 + j] = ((qweight[n, g*G/2 + j] >> 4) - 8) * scales[n, g]
+    Each code c in [0, 15] stands for c - 8. Read a row of qweight as little-endian 32-bit
+    words (8 codes each): group g is the G/8 words g*G/8 .. g*G/8 + G/8 - 1, and nibble i
+    (bits 4i .. 4i+3, i < 8) of the group's word w holds column g*G + i*(G/8) + w. In bytes:
+    byte 4w + j of the group holds nibble 2j in its low half and nibble 2j + 1 in its high half.
+        W[n, g*G + i*(G/8) + w] = (((word[n, g*G/8 + w] >> 4i) & 15) - 8) * scales[n, g]
     quantized as round(W / s) clamped to [-8, 7] with s = max over the group of |W| / 7.
+    Why this order: a kernel's 16-byte load brings 4 words of one row, i.e. 32 codes that lie in
+    8 runs of 4 consecutive columns, so the matching activations are 8 short vector loads; each
+    nibble is converted in place (mask, no shift, for nibbles 0..4), and a group's nibbles in
+    (i, w) order are the group's columns in order, which is what a matrix-unit kernel needs.
+    Rows are independent: stacking two layers' qweight/scales along dim 0 stacks their outputs.
 
 Scales are stored in the model's floating dtype; all products accumulate in fp32.
 """
@@ -60,18 +63,20 @@ def quantize_int4(
     wg = w.float().reshape(n, k // group_size, group_size)
     scales = (wg.abs().amax(dim=-1).clamp(min=1e-8) / 7.0).to(scale_dtype)  # [N, K/G]
     codes = (torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, K/G, G]
-    half = group_size // 2
-    packed = codes[..., :half] | (codes[..., half:] << 4)
-    return packed.reshape(n, k // 2), scales
+    # Column i*(G/8) + w of a group -> nibble i of word w; byte j of a word = nibbles 2j, 2j + 1.
+    planes = codes.reshape(n, k // group_size, 8, group_size // 8)  # [N, K/G, i, w]
+    packed = planes[:, :, 0::2, :] | (planes[:, :, 1::2, :] << 4)  # [N, K/G, j, w]
+    return packed.transpose(-1, -2).reshape(n, k // 2).contiguous(), scales
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Packed int4 codes and group scales -> float32 W [N, K]."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     groups = scales.shape[1]
-    half = k // groups // 2
-    b = qweight.reshape(n, groups, half)
-    codes = torch.cat((b & 15, b >> 4), dim=-1).float() - 8.0  # [N, K/G, G]
+    words = k // groups // 8
+    b = qweight.reshape(n, groups, words, 4)  # [N, K/G, w, j]
+    nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, groups, words, 8)  # [.., w, i]
+    codes = nibbles.transpose(-1, -2).reshape(n, groups, k // groups).float() - 8.0  # [N, K/G, G]
     return (codes * scales.float()[..., None]).reshape(n, k)
 
 

@@ -1,60 +1,42 @@
-"""Triton weight-only int8 / int4 matmuls (formats in quant_matmul.py).
+"""Triton weight-only int8 / int4 matmuls (formats in quant_matmul.py): launcher and tile kernels.
 
-One kernel per format covers every M: a program owns a BLOCK_M x BLOCK_N output tile and walks
-its share of K, converting weight codes to the activation dtype in registers and feeding the
-tensor cores (tl.dot). For decode (M <= 16) BLOCK_M is 16 and, when the N tiles alone cannot
-fill the GPU, K is split across programs whose fp32 partials a second small kernel sums; so the
-packed weights are read exactly once per call. int4 scales are applied once per group after
-the group's dot, and code offsets are folded in with the row sums of x:
-    sum_k x_k (c_k - 8) s = s * (dot(x, MAGIC + c) - (MAGIC + 8) * sum_k x_k),
-where MAGIC + c is built by bit operations (see _codes_as).
+Two kernel families, chosen per call by tile_config() (quant_tuning.py):
+  - "gemv" (quant_gemv_triton.py): FMA on CUDA cores, for M <= 4, where each weight byte is used
+    only a few times and the work is streaming the weights with few instructions per byte;
+  - "dot" (here): a program owns a BLOCK_M x BLOCK_N output tile, turns codes into activation
+    dtype values in registers and feeds the tensor cores (tl.dot). int4 group scales are applied
+    once per group after the group's dot, and code offsets are folded in with the row sums of x:
+        sum_k x_k (c_k - 8) s = s * (dot(x, MAGIC + c) - (MAGIC + 8) * sum_k x_k),
+    where MAGIC + c is built by bit operations (see _codes_as).
+Both split K across programs when the output tiles alone cannot fill the GPU; the partials are
+reduced in the same launch (quant_split_triton.py), so a call is one kernel launch.
 From DEQUANT_MIN_M rows on, the weight is dequantized once and cuBLAS does the matmul.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import num_sms
+from engine.kernels._triton_util import dot_precision, num_sms
+from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
+from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
+from engine.kernels.quant_tuning import DEQUANT_MIN_M, TileConfig, tile_config
 
-DEQUANT_MIN_M = 1024
 # Float whose mantissa's last bit is worth 1, per activation dtype (see _codes_as).
 _MAGIC = {torch.float16: 1024, torch.bfloat16: 128}
-INT8_BLOCK_K = 128  # int8 bytes per row per step
 
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Launch shape; the defaults come from tile_config(), benchmarks may override."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    split_k: int | None = None  # None: chosen from the SM count
-
-
-def tile_config(m: int) -> TileConfig:
-    """Decode-sized M gets thin, deep-pipelined tiles; larger M square-ish tensor-core tiles."""
-    if m <= 16:
-        return TileConfig(16, 64, 4, 4)
-    if m <= 64:
-        return TileConfig(64, 64, 4, 3)
-    return TileConfig(128, 128, 8, 3)
+__all__ = ["DEQUANT_MIN_M", "TileConfig", "quant_matmul_triton", "tile_config"]
 
 
 @triton.jit
 def _codes_as(c, dtype: tl.constexpr, MAGIC: tl.constexpr):
-    """4-bit codes c (0..15) as `dtype` values MAGIC + c.
+    """4-bit codes c (0..15, any integer type) as `dtype` values MAGIC + c.
 
     For 16-bit floats the code is OR-ed into the mantissa of MAGIC (1024 in fp16, 128 in bf16,
     where the mantissa's last bit is worth 1): bit operations instead of int-to-float
-    conversions, whose throughput would cap a decode GEMV below memory speed. The caller removes
-    MAGIC with the row sums of x. fp32 (MAGIC = 0) converts plainly.
+    conversions. The caller removes MAGIC with the row sums of x. fp32 (MAGIC = 0) converts.
     """
     if MAGIC == 1024:
         return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
@@ -65,49 +47,66 @@ def _codes_as(c, dtype: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _int4_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, num_groups, groups_per_split,
+def _int4_dot_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
-    GROUP: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    HALF: tl.constexpr = GROUP // 2
+    WPG: tl.constexpr = GROUP // 8  # 32-bit words per row per group
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.arange(0, HALF)
     n_ok = n < N
     m_ok = m < M
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn + j[None, :]  # [BLOCK_N, HALF]
-    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm + j[None, :]  # [BLOCK_M, HALF]
-    s_rows = s_ptr + n.to(tl.int64) * stride_sn
+    wi = tl.arange(0, WPG)
+    shifts = 4 * tl.arange(0, 8)
+    w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_wn + wi[None, :]  # [BLOCK_N, WPG]
+    x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # [BLOCK_M, GROUP]
+    s_ptrs = s_ptr + n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    g_begin = pid_k * groups_per_split
-    # groups_per_split and num_groups are multiples of UNROLL: no tail masks on K.
-    for g0 in range(g_begin, tl.minimum(g_begin + groups_per_split, num_groups), UNROLL):
-        for u in tl.static_range(UNROLL):
-            g = g0 + u
-            b = tl.load(w_rows + g * HALF, mask=n_ok[:, None], other=0)
-            x_lo = tl.load(x_rows + g * GROUP, mask=m_ok[:, None], other=0.0)
-            x_hi = tl.load(x_rows + g * GROUP + HALF, mask=m_ok[:, None], other=0.0)
-            s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
-            lo = _codes_as(b & 15, x_lo.dtype, MAGIC)
-            hi = _codes_as(b >> 4, x_lo.dtype, MAGIC)
-            d = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))  # [BLOCK_M, BLOCK_N]
-            x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)
-            acc += (d - (MAGIC + 8.0) * x_sum[:, None]) * s[None, :]
-    _epilogue(acc, bias_ptr, out_ptr, part_ptr, m, n, M, N, stride_om, pid_k, SPLIT, HAS_BIAS)
+    first = pid_k * groups_per_split
+    last = tl.minimum(first + groups_per_split, groups)
+    # Scales feed no tl.dot, so the pipeliner would leave their latency exposed every group:
+    # a two-slot register ring requests group g + 2 while group g is computed (weights too
+    # with PREFETCH = 2; with PREFETCH = 0 the weight loads are left to the pipeliner).
+    s_a = tl.load(s_ptrs + first, mask=n < tl.where(first < last, N, 0), other=0.0)
+    s_b = tl.load(s_ptrs + first + 1, mask=n < tl.where(first + 1 < last, N, 0), other=0.0)
+    if PREFETCH == 2:
+        w_a = tl.load(w_ptrs + first * WPG, mask=(n < tl.where(first < last, N, 0))[:, None], other=0)
+        w_b = tl.load(w_ptrs + (first + 1) * WPG, mask=(n < tl.where(first + 1 < last, N, 0))[:, None], other=0)
+    for g in range(first, last):
+        sv = s_a
+        s_a = s_b
+        s_b = tl.load(s_ptrs + g + 2, mask=n < tl.where(g + 2 < last, N, 0), other=0.0)
+        if PREFETCH == 2:
+            wv = w_a
+            w_a = w_b
+            w_b = tl.load(w_ptrs + (g + 2) * WPG, mask=(n < tl.where(g + 2 < last, N, 0))[:, None], other=0)
+        else:
+            wv = tl.load(w_ptrs + g * WPG, mask=n_ok[:, None], other=0)
+        xg = tl.load(x_ptrs + g * GROUP, mask=m_ok[:, None], other=0.0)
+        # Nibble i of word w is group column i * WPG + w: [BLOCK_N, 8, WPG] is the group in order.
+        codes = (wv[:, None, :] >> shifts[None, :, None]) & 0xF
+        wq = _codes_as(tl.reshape(codes, (BLOCK_N, GROUP)), xg.dtype, MAGIC)
+        d = tl.dot(xg, tl.trans(wq), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+        x_sum = tl.sum(xg.to(tl.float32), 1)
+        acc += (d - (MAGIC + 8.0) * x_sum[:, None]) * sv.to(tl.float32)[None, :]
+    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    if SPLIT:
+        split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
+                    stride_om, HAS_BIAS)
 
 
 @triton.jit
-def _int8_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr,
+def _int8_dot_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -126,49 +125,25 @@ def _int8_kernel(
         k_ok = (k0 + kk) < K
         w = tl.load(w_rows + k0 + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         x = tl.load(x_rows + k0 + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC)
     s = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc * s[None, :]  # per-channel scale commutes with the K sum
-    _epilogue(acc, bias_ptr, out_ptr, part_ptr, m, n, M, N, stride_om, pid_k, SPLIT, HAS_BIAS)
-
-
-@triton.jit
-def _epilogue(acc, bias_ptr, out_ptr, part_ptr, m, n, M, N, stride_om, pid_k,
-              SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    mask = (m < M)[:, None] & (n < N)[None, :]
+    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
     if SPLIT:
-        # fp32 partials [split, M, N]; the bias is added once, by the merge.
-        dst = part_ptr + (pid_k * M + m.to(tl.int64))[:, None] * N + n[None, :]
-        tl.store(dst, acc, mask=mask)
+        split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
+                    stride_om, HAS_BIAS)
+
+
+def _split(tiles: int, steps: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, steps per split). Default: ~waves programs per SM, each at least min_steps long."""
+    if cfg.split_k is not None:
+        want = cfg.split_k
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        dst = out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _merge_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                         SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(SPLITS):  # fixed order: deterministic sums
-        acc += tl.load(part_ptr + (s * M + row) * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _split_k(tiles: int, k_steps: int, device: torch.device, requested: int | None) -> int:
-    """Split K only when the output tiles leave SMs idle; aim for ~2 programs per SM."""
-    if requested is not None:
-        return max(1, min(requested, k_steps))
-    sms = num_sms(device)
-    if tiles >= sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), k_steps, 16))
+        want = triton.cdiv(cfg.waves * num_sms(device), tiles)
+        want = min(want, max(1, steps // cfg.min_steps))
+    want = max(1, min(want, steps, 64))
+    per_split = triton.cdiv(steps, want)
+    return triton.cdiv(steps, per_split), per_split
 
 
 def quant_matmul_triton(
@@ -191,43 +166,59 @@ def quant_matmul_triton(
     out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
     if m == 0:
         return out.view(*x.shape[:-1], n_out)
-    if m >= DEQUANT_MIN_M and config is None:
+    group = k // scales.shape[1] if bits == 4 else None
+    cfg = config or tile_config(m, n_out, k, bits, group)
+    if cfg.kernel == "dequant" or (bits == 8 and k % 4) or not qweight.is_contiguous():
         w = dequantize_int4(qweight, scales) if bits == 4 else dequantize_int8(qweight, scales)
         return F.linear(x, w.to(x.dtype), bias)
-    assert qweight.is_contiguous() and scales.stride(-1) == 1
-    cfg = config or tile_config(m)
-    tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    if bits == 4:
-        groups = scales.shape[1]
-        group = k // groups
-        unroll = 128 // group if groups % max(128 // group, 1) == 0 else 1  # >= 64 bytes a row per step
-        steps = groups // unroll
-    else:
-        steps = triton.cdiv(k, INT8_BLOCK_K)
-    split = _split_k(tiles, steps, x.device, cfg.split_k)
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
+    assert scales.stride(-1) == 1
+    words = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8), little-endian
     bias_arg = bias if bias is not None else out
-    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1, HAS_BIAS=bias is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.kernel == "gemv":
+        block_m = min(cfg.block_m, 4)
+        if bits == 4:
+            word_step = group // 8  # one quantization group a step
+        else:
+            word_step = 1 << ((min(cfg.block_k, k) // 4).bit_length() - 1)
+            while k % (4 * word_step):  # a power of two words dividing the row
+                word_step //= 2
+        steps = k // (word_step * (32 // bits))
+        tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, block_m)
+        split, per_split = _split(tiles, steps, cfg, x.device)
+        grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, block_m), split)
+        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
+        locks = split_locks(x.device, tiles) if split > 1 else words
+        _gemv_kernel[grid](
+            x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split, MAGIC7,
+            x2.stride(0), words.stride(0), scales.stride(0) if bits == 4 else 0, out.stride(0),
+            BITS=bits, WORDS=word_step, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
+            HAS_BIAS=bias is not None, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=1,
+        )
+        return out.view(*x.shape[:-1], n_out)
+
+    tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
+                  PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid_mn = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m))
     if bits == 4:
-        _int4_kernel[grid](
-            x2, qweight, scales, bias_arg, out, part, m, n_out, groups, per_split * unroll,
-            x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, UNROLL=unroll, MAGIC=_MAGIC.get(x.dtype, 0), **common,
+        steps = k // group
+        split, per_split = _split(tiles, steps, cfg, x.device)
+        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
+        locks = split_locks(x.device, tiles) if split > 1 else words
+        _int4_dot_kernel[grid_mn + (split,)](
+            x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split,
+            x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+            GROUP=group, MAGIC=_MAGIC.get(x.dtype, 0), SPLIT=split > 1, PREFETCH=cfg.prefetch, **common,
         )
     else:
-        _int8_kernel[grid](
-            x2, qweight, scales, bias_arg, out, part, m, n_out, k, per_split * INT8_BLOCK_K,
+        block_k = cfg.block_k
+        steps = triton.cdiv(k, block_k)
+        split, per_split = _split(tiles, steps, cfg, x.device)
+        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
+        locks = split_locks(x.device, tiles) if split > 1 else words
+        _int8_dot_kernel[grid_mn + (split,)](
+            x2, qweight, scales, bias_arg, out, part, locks, m, n_out, k, per_split * block_k,
             x2.stride(0), qweight.stride(0), out.stride(0),
-            BLOCK_K=INT8_BLOCK_K, **common,
-        )
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(n_out))
-        _merge_splits_kernel[(m, triton.cdiv(n_out, block))](
-            part, bias_arg, out, m, n_out, out.stride(0),
-            SPLITS=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            BLOCK_K=block_k, SPLIT=split > 1, **common,
         )
     return out.view(*x.shape[:-1], n_out)

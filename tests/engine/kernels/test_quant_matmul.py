@@ -38,12 +38,17 @@ def test_int4_error_and_documented_layout(group):
     deq = dequantize_int4(q, s)
     step = s.repeat_interleave(group, dim=1)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
-    # The layout spelled out in quant_matmul.py, element by element for one row and one group.
-    row, g, half = 5, 1, group // 2
-    for j in range(half):
-        byte = int(q[row, g * half + j])
-        assert deq[row, g * group + j] == ((byte & 15) - 8) * s[row, g]
-        assert deq[row, g * group + half + j] == ((byte >> 4) - 8) * s[row, g]
+    # The layout spelled out in quant_matmul.py, element by element for one row and one group,
+    # read both as bytes and as little-endian 32-bit words.
+    row, g, words = 5, 1, group // 8
+    as_words = q.view(torch.int32)
+    for w in range(words):
+        word = int(as_words[row, g * words + w]) & 0xFFFFFFFF
+        for i in range(8):
+            byte = int(q[row, g * group // 2 + 4 * w + i // 2])
+            nibble = (word >> (4 * i)) & 15
+            assert nibble == (byte >> (4 * (i % 2))) & 15
+            assert deq[row, g * group + i * words + w] == (nibble - 8) * s[row, g]
 
 
 def test_int4_rejects_bad_group():
@@ -62,47 +67,83 @@ def test_references_equal_dense_matmul_with_dequantized_weights():
     assert_close_rel(int4_matmul(x, q4, s4, b), F.linear(x, dequantize_int4(q4, s4), b), 1e-6)
 
 
-def _triton_case(device, dtype, bits, m, n, k, group, split, bias, config=None):
-    from engine.kernels.quant_matmul_triton import TileConfig, quant_matmul_triton
+def _config(m, kernel, split=None, prefetch=2, block_n=None, block_k=128):
+    from engine.kernels.quant_tuning import TileConfig
+
+    if kernel == "gemv":
+        return TileConfig(min(4, 1 << (m - 1).bit_length()), block_n or 32, 4, 1, split, "gemv", prefetch, block_k)
+    block_m = 16 if m <= 16 else 64
+    return TileConfig(block_m, block_n or 32, 4, 2, split, "dot", prefetch, block_k)
+
+
+def _triton_case(device, dtype, bits, m, n, k, group, bias, config=None, calls=1):
+    from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
     w = torch.randn(n, k, device=device) * 0.05
     q, s = quantize_int8(w, dtype) if bits == 8 else quantize_int4(w, group, dtype)
-    x = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(n, device=device).to(dtype) if bias else None
-    if config is None and split is not None:
-        from engine.kernels.quant_matmul_triton import tile_config
-
-        c = tile_config(m)
-        config = TileConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, split)
-    y = quant_matmul_triton(x, q, s, b, bits, config)
-    ref = (int8_matmul_ref if bits == 8 else int4_matmul_ref)(x.float(), q, s, None if b is None else b.float())
-    assert y.shape == (m, n) and y.dtype == dtype
-    assert_close_rel(y.float(), ref, TOL[dtype])
+    for _ in range(calls):  # split-K arrival counters must be back at zero for the next call
+        x = torch.randn(m, k, device=device).to(dtype)
+        y = quant_matmul_triton(x, q, s, b, bits, config)
+        ref = (int8_matmul_ref if bits == 8 else int4_matmul_ref)(x.float(), q, s, None if b is None else b.float())
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert_close_rel(y.float(), ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("m,split,bias", [(1, 1, False), (3, 3, True), (37, None, True)])
 @pytest.mark.parametrize("group", [32, 128])
-def test_int4_triton_cpu(m, split, bias, group):
+def test_int4_dot_cpu(m, split, bias, group):
     require_backend("cpu")
-    _triton_case("cpu", torch.float16, 4, m, 96, 256, group, split, bias)
+    _triton_case("cpu", torch.float16, 4, m, 96, 256, group, bias, _config(m, "dot", split, prefetch=split or 0))
 
 
-@pytest.mark.parametrize("m,split,bias", [(1, 2, True), (20, 1, False)])
-def test_int8_triton_cpu(m, split, bias):
+@pytest.mark.parametrize("m,split,bias,prefetch", [(1, 2, False, 2), (3, 3, True, 0), (2, None, True, 2)])
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_gemv_cpu(m, split, bias, prefetch, group):
     require_backend("cpu")
-    _triton_case("cpu", torch.float16, 8, m, 80, 384, None, split, bias)
+    _triton_case("cpu", torch.float16, 4, m, 80, 512, group, bias, _config(m, "gemv", split, prefetch), calls=2)
 
 
-def test_triton_cpu_fp32_group64():
+@pytest.mark.parametrize("kernel,m,split,bias", [("dot", 1, 2, True), ("dot", 20, 1, False),
+                                                 ("gemv", 1, 3, True), ("gemv", 4, 1, False)])
+def test_int8_triton_cpu(kernel, m, split, bias):
     require_backend("cpu")
-    _triton_case("cpu", torch.float32, 4, 2, 64, 192, 64, None, True)
+    _triton_case("cpu", torch.float16, 8, m, 80, 384, None, bias, _config(m, kernel, split), calls=2)
+
+
+def test_int8_gemv_cpu_step_not_dividing_k():
+    """K = 96 is no multiple of block_k = 128: the step shrinks to a power of two dividing K."""
+    require_backend("cpu")
+    _triton_case("cpu", torch.float16, 8, 2, 48, 96, None, False, _config(2, "gemv", 2, block_k=128))
+
+
+@pytest.mark.parametrize("kernel", ["dot", "gemv"])
+def test_triton_cpu_fp32_group64(kernel):
+    require_backend("cpu")
+    _triton_case("cpu", torch.float32, 4, 2, 64, 192, 64, True, _config(2, kernel, 2))
 
 
 def test_triton_cpu_uneven_split():
     """K steps not divisible by the split: the last split is shorter and must stop at K."""
     require_backend("cpu")
-    _triton_case("cpu", torch.float16, 4, 2, 64, 384, 32, 2, False)  # 3 steps of 4 groups over 2 splits
-    _triton_case("cpu", torch.float16, 8, 2, 64, 384, None, 2, False)  # 3 steps of 128 over 2 splits
+    _triton_case("cpu", torch.float16, 4, 2, 64, 160, 32, False, _config(2, "dot", 2))  # 5 groups over 2 splits
+    _triton_case("cpu", torch.float16, 4, 1, 64, 160, 32, False, _config(1, "gemv", 2))
+    _triton_case("cpu", torch.float16, 8, 2, 64, 384, None, False, _config(2, "dot", 2))  # 3 steps of 128
+
+
+def test_default_configs_cpu():
+    """Whatever tile_config picks (table or heuristic) computes the right thing."""
+    require_backend("cpu")
+    for bits, m in ((4, 1), (4, 5), (8, 1), (8, 9)):
+        _triton_case("cpu", torch.float16, bits, m, 64, 256, 64 if bits == 4 else None, True)
+
+
+def test_split_counters_return_to_zero():
+    require_backend("cpu")
+    from engine.kernels.quant_split_triton import split_locks
+
+    _triton_case("cpu", torch.float16, 4, 1, 64, 512, 32, False, _config(1, "gemv", 4), calls=2)
+    assert int(split_locks(torch.device("cpu"), 1).abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -111,7 +152,18 @@ def test_triton_cpu_uneven_split():
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1536, 14336)])
 def test_triton_gpu(bits, group, m, n, k):
     require_backend("cuda")
-    _triton_case("cuda", torch.bfloat16, bits, m, n, k, group, None, m % 2 == 0)
+    _triton_case("cuda", torch.bfloat16, bits, m, n, k, group, m % 2 == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 3), ("dot", 4), ("dot", 16)])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, 32)])
+@pytest.mark.parametrize("split,prefetch,block_n", [(None, 2, 128), (3, 0, 64), (1, 2, 32)])
+def test_kernel_variants_gpu(kernel, m, bits, group, split, prefetch, block_n):
+    """Every variant a benchmark sweep may select, at a real shape, repeated (counters reset)."""
+    require_backend("cuda")
+    cfg = _config(m, kernel, split, prefetch, block_n)
+    _triton_case("cuda", torch.bfloat16, bits, m, 3072, 4096, group, m != 1, cfg, calls=2)
 
 
 @pytest.mark.gpu
