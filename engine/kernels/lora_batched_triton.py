@@ -3,8 +3,9 @@ y += s * t B^T, both over chunks of tokens that share an adapter slot.
 
 Shrink: a program owns one chunk (<= BLOCK_M tokens of one slot) and a slice of K; the rank is small
 (16-64), so a decode step has few chunks and K is split across programs to fill the GPU; fp32
-partials [SPLIT, L, BLOCK_R] are summed afterwards (deterministic, no atomics).
-Expand: a program owns one chunk and BLOCK_N output columns; it reads y's rows, adds the update in
+partials [SPLIT, L, BLOCK_R] are summed by the expand kernel (deterministic, no atomics).
+Expand: a program owns one chunk and BLOCK_N output columns; it sums the chunk's partials (a few
+KB), reads y's rows, adds the update in
 fp32, applies the DoRA rescale if asked, and writes the rows back. Each token belongs to exactly one
 chunk, so no two programs write the same element. Base tokens (slot -1) are in no chunk.
 """
@@ -57,9 +58,9 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    t_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
-    N, R,
-    stride_tm, stride_bs, stride_bn, stride_ym, stride_gs,
+    part_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
+    N, R, splits,
+    stride_ps, stride_pm, stride_bs, stride_bn, stride_ym, stride_gs,
     HAS_RESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -74,7 +75,10 @@ def _expand_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     r = tl.arange(0, BLOCK_R)
-    t = tl.load(t_ptr + (start + m)[:, None] * stride_tm + r[None, :], mask=m_ok[:, None], other=0.0)  # fp32
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for sk in range(0, splits):  # the shrink's split-K partials, summed here rather than by another kernel
+        t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + r[None, :], mask=m_ok[:, None],
+                     other=0.0)
     r_lim = tl.where(count > 0, R, 0)  # an empty chunk (fixed CUDA-graph grids) reads no B
     bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
                  mask=n_ok[:, None] & (r[None, :] < r_lim), other=0.0)  # [BLOCK_N, BLOCK_R]
@@ -116,12 +120,11 @@ def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: 
         x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
         BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, PREC=prec, num_warps=4,
     )
-    t = part[0] if splits == 1 else part.sum(0)  # [L, BLOCK_R] fp32
     g = rescale if rescale is not None else scaling  # unused pointer when there is no rescale
     _expand_kernel[(num_chunks, triton.cdiv(n_out, EXPAND_BLOCK_N))](
-        t, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
-        n_out, r,
-        t.stride(0), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
+        part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
+        n_out, r, splits,
+        part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
         HAS_RESCALE=rescale is not None, BLOCK_M=seg.block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r,
         PREC=prec, num_warps=4,
     )
