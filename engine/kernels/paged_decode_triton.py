@@ -25,16 +25,27 @@ _CONFIGS = pick_configs([
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4),
 ])
+CONFIG_NAMES = ("BLOCK_N", "num_warps", "num_stages")
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "G_PAD", "PAGE", "SPLIT"])
+def work_bucket(programs: int, sm_count: int) -> int:
+    """Coarse size of a launch for the autotune key: under one wave, up to four, more.
+
+    The winner for a few long programs need not win for thousands of short ones; every bucket
+    is tuned on its first call (eager warm-ups before CUDA-graph capture cover them).
+    """
+    return 0 if programs < sm_count else (1 if programs <= 4 * sm_count else 2)
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "G_PAD", "PAGE", "SPLIT", "work"])
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, split_len,
+    scale_log2, split_len, work,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -131,13 +142,15 @@ def paged_decode_attention_triton(
     max_context_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Decode attention, q [num_seqs, Hq, D] (one token each) -> out [num_seqs, Hq, D].
 
     max_context_len is a host-side estimate of the longest context, used only to size the splits
     (any value gives correct results); without it the block table's capacity is used.
     num_splits overrides the heuristic (tests and benchmarks); `out` is an optional preallocated
-    output (every element is written).
+    output (every element is written). `config` ({"BLOCK_N", "num_warps", "num_stages"})
+    bypasses the autotuner (benchmark sweeps).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -161,14 +174,16 @@ def paged_decode_attention_triton(
     else:
         part_out = part_lse = out  # unused
     d_pad = triton.next_power_of_2(head_dim)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_seqs, num_kv_heads, num_splits)
+    kernel = _decode_kernel if config is None else _decode_kernel.fn
+    kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
-        scale * LOG2E, split_len if split else 2**30,
+        scale * LOG2E, split_len if split else 2**30, work_bucket(num_seqs * num_kv_heads * num_splits, num_sms(q.device)),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype),
+        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **(config or {}),
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](

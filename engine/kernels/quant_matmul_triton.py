@@ -26,6 +26,7 @@ from engine.kernels.quant_tuning import DEQUANT_MIN_M, TileConfig, tile_config
 
 # Float whose mantissa's last bit is worth 1, per activation dtype (see _codes_as).
 _MAGIC = {torch.float16: 1024, torch.bfloat16: 128}
+_MAGIC2 = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # the 16-bit MAGIC, twice
 
 __all__ = ["DEQUANT_MIN_M", "TileConfig", "quant_matmul_triton", "tile_config"]
 
@@ -47,9 +48,45 @@ def _codes_as(c, dtype: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _nibble_pair(wv, magic2, SHIFT: tl.constexpr, dtype: tl.constexpr):
+    """Nibbles SHIFT/4 and SHIFT/4 + 4 of each word as a [.., 2] pair of 16-bit MAGIC + code.
+
+    One mask-and-or puts both nibbles into the two halves of a 32-bit value whose halves are
+    then the two 16-bit floats (magic2 holds MAGIC's bits twice, in a register: one LOP3).
+    """
+    t = ((wv >> SHIFT) & 0x000F000F) | magic2
+    lo = (t & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
+    hi = (t >> 16).to(tl.uint16).to(dtype, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _unpack_words(wv, magic2, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """[R, W] words -> [R, W, 2, 2, 2] values MAGIC + code; element (w, a, b, c) is nibble
+    i = 2a + b + 4c, so flattened, word w's nibble i lands at k' = 8 w + 2 (i % 4) + i // 4.
+
+    That order is the one in which _nibble_pair leaves the nibbles in registers: 16-bit pairs
+    (i, i + 4) for i = 0..3, so the tile goes to shared memory in 16-byte stores with no
+    shuffling; the kernel gathers the activations in the same order.
+    """
+    if MAGIC == 0:
+        a0 = tl.join((wv & 0xF).to(dtype), ((wv >> 16) & 0xF).to(dtype))
+        a1 = tl.join(((wv >> 4) & 0xF).to(dtype), ((wv >> 20) & 0xF).to(dtype))
+        a2 = tl.join(((wv >> 8) & 0xF).to(dtype), ((wv >> 24) & 0xF).to(dtype))
+        a3 = tl.join(((wv >> 12) & 0xF).to(dtype), ((wv >> 28) & 0xF).to(dtype))
+    else:
+        a0 = _nibble_pair(wv, magic2, 0, dtype)
+        a1 = _nibble_pair(wv, magic2, 4, dtype)
+        a2 = _nibble_pair(wv, magic2, 8, dtype)
+        a3 = _nibble_pair(wv, magic2, 12, dtype)
+    # [R, W, h, j0, j1] (nibble j0 + 2 j1 + 4 h) -> [R, W, j1, j0, h]
+    return tl.permute(tl.join(tl.join(a0, a1), tl.join(a2, a3)), (0, 1, 4, 3, 2))
+
+
+@triton.jit
 def _int4_dot_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
-    M, N, groups, groups_per_split,
+    M, N, groups, groups_per_split, magic2,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -63,9 +100,13 @@ def _int4_dot_kernel(
     n_ok = n < N
     m_ok = m < M
     wi = tl.arange(0, WPG)
-    shifts = 4 * tl.arange(0, 8)
     w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_wn + wi[None, :]  # [BLOCK_N, WPG]
-    x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # [BLOCK_M, GROUP]
+    # The dot runs over the group's columns in the order the words unpack into (see
+    # _unpack_words): position k' = 8 w + 2 j + h holds nibble i = j + 4 h of word w, which is
+    # group column i * WPG + w; the activations are gathered to match.
+    kp = tl.arange(0, GROUP)
+    col = (((kp % 8) // 2) + 4 * (kp % 2)) * WPG + kp // 8
+    x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + col[None, :]  # [BLOCK_M, GROUP]
     s_ptrs = s_ptr + n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     first = pid_k * groups_per_split
@@ -89,9 +130,7 @@ def _int4_dot_kernel(
         else:
             wv = tl.load(w_ptrs + g * WPG, mask=n_ok[:, None], other=0)
         xg = tl.load(x_ptrs + g * GROUP, mask=m_ok[:, None], other=0.0)
-        # Nibble i of word w is group column i * WPG + w: [BLOCK_N, 8, WPG] is the group in order.
-        codes = (wv[:, None, :] >> shifts[None, :, None]) & 0xF
-        wq = _codes_as(tl.reshape(codes, (BLOCK_N, GROUP)), xg.dtype, MAGIC)
+        wq = tl.reshape(_unpack_words(wv, magic2, xg.dtype, MAGIC), (BLOCK_N, GROUP))  # k' order
         d = tl.dot(xg, tl.trans(wq), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
         x_sum = tl.sum(xg.to(tl.float32), 1)
         acc += (d - (MAGIC + 8.0) * x_sum[:, None]) * sv.to(tl.float32)[None, :]
@@ -207,7 +246,7 @@ def quant_matmul_triton(
         locks = split_locks(x.device, tiles) if split > 1 else words
         _int4_dot_kernel[grid_mn + (split,)](
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split,
-            x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+            _MAGIC2.get(x.dtype, 0), x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, MAGIC=_MAGIC.get(x.dtype, 0), SPLIT=split > 1, PREFETCH=cfg.prefetch, **common,
         )
     else:

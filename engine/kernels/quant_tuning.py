@@ -1,6 +1,7 @@
 """Launch configurations of the weight-only matmuls: measured winners first, heuristics second.
 
 tile_config(m, n, k, bits, group) looks the call up, by (bits, group, M bucket, K, N), in
+  0. entries installed in this process with register_tuned() (a running benchmark sweep),
   1. the JSON file named by EMBER_QUANT_TUNING, when set (a benchmark sweep writes one), then
   2. TUNED in quant_tuned.py (winners measured on the GPU, committed with the date and card),
 and falls back to default_config(). Shapes not in a table borrow the entry of the nearest shape
@@ -74,11 +75,19 @@ def _parse(entries: dict) -> dict[str, TileConfig]:
     return {key: TileConfig.from_dict(cfg) for key, cfg in entries.items()}
 
 
+_REGISTERED: dict[str, TileConfig] = {}
+
+
+def register_tuned(entries: dict[str, TileConfig]) -> None:
+    """Install measured winners for this process, ahead of every table (benchmark sweeps)."""
+    _REGISTERED.update(entries)
+
+
 @lru_cache(maxsize=None)
 def _tables(env_path: str | None) -> list[dict[str, TileConfig]]:
     from engine.kernels.quant_tuned import TUNED
 
-    tables = []
+    tables = [_REGISTERED]
     if env_path:
         with open(env_path) as f:
             tables.append(_parse(json.load(f)["entries"]))

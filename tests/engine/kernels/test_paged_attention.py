@@ -92,6 +92,22 @@ def test_decode_cpu_stale_context_hint_is_still_exact():
     assert_close_rel(out.float(), _expected(b, 0.2), TOL[torch.float16])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_explicit_config_bypasses_autotune(device):
+    """The config a benchmark sweep passes (tile size, warps, stages) computes the same attention."""
+    from engine.kernels.paged_decode_triton import paged_decode_attention_triton
+
+    require_backend(device)
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    b = _batch(device, dtype, [1, 1, 1], [130, 7, 64], 8, 2, 64, 16)
+    for cfg, splits in (({"BLOCK_N": 32, "num_warps": 2, "num_stages": 2}, 1),
+                        ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, 2)):
+        out = torch.full_like(b.q, float("nan"))
+        paged_decode_attention_triton(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, 0.3,
+                                      num_splits=splits, out=out, config=cfg)
+        assert_close_rel(out.float(), _expected(b, 0.3), TOL[dtype])
+
+
 def test_prefill_cpu_chunked_varlen():
     """Full prompts, a chunk continuing a cached prefix, and decode rows mixed in one batch."""
     from engine.kernels.paged_prefill_triton import paged_prefill_attention_triton

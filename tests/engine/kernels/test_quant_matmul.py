@@ -176,3 +176,20 @@ def test_dispatchers_gpu_3d_input():
     q4, s4 = quantize_int4(w, 128, torch.bfloat16)
     assert_close_rel(int4_matmul(x, q4, s4).float(), int4_matmul_ref(x.float(), q4, s4), TOL[torch.bfloat16])
 
+
+
+def test_tuned_table_lookup(tmp_path, monkeypatch):
+    """Exact entries win, near shapes borrow them, far shapes fall back to the heuristic."""
+    import json
+
+    from engine.kernels import quant_tuning as qt
+
+    cfg = qt.TileConfig(4, 256, 8, 1, 3, "gemv", 0, 128, 2, 1)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"entries": {qt.tuning_key(4, 128, 3, 4096, 14336): cfg.to_dict()}}))
+    monkeypatch.setenv("EMBER_QUANT_TUNING", str(path))
+    assert qt.tile_config(4, 14336, 4096, 4, 128) == cfg  # M 4 shares bucket 4 with M 3
+    assert qt.tile_config(3, 28672, 4096, 4, 128) == cfg  # N within a factor of two
+    assert qt.tile_config(3, 14336, 4096, 4, 64) == qt.default_config(3, 4)  # other group
+    assert qt.tile_config(3, 14336, 16384, 4, 128) == qt.default_config(3, 4)  # K 4x away
+    assert qt.tile_config(2048, 14336, 4096, 4, 128).kernel == "dequant"
