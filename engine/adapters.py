@@ -36,8 +36,8 @@ from engine.adapter_io import AdapterError, read_adapter
 from engine.adapter_paths import AdapterNotFoundError, resolve_adapter_path
 from engine.errors import InvalidRequestError
 from engine.kernels.lora_batched import StaticSegments, build_segments
-from engine.lora import DEFAULT_TARGETS, base_weight, lora_scaling
-from engine.lora_serving import LoraBatch, LoraStepContext, ServingLoraLinear, inject_serving_lora, serving_targets
+from engine.lora import DEFAULT_TARGETS, lora_scaling
+from engine.lora_serving import LoraBatch, LoraStepContext, ServingLoraLinear, inject_serving_lora
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,10 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class ModuleWeights:
-    """One layer's adapter, ready for a slot: A [r, K], B [N, r] in the model dtype, DoRA factor [N] fp32."""
+    """One target's adapter, ready for a slot: A [r, K] and s·B [N, r] in the model dtype, DoRA factor [N] fp32."""
 
     a: torch.Tensor
-    b: torch.Tensor
-    scaling: float
+    b: torch.Tensor  # the scaling s is folded in (in fp32, rounded once)
     rescale: torch.Tensor | None
 
 
@@ -134,13 +133,10 @@ class AdapterRegistry:
         self.config = config
         self.model = model
         self.context = LoraStepContext()
-        paths = serving_targets(model, config.target_modules)
-        if not paths:
-            raise ValueError(f"the model has no linear layers named {', '.join(config.target_modules)}")
-        self.layers: dict[str, ServingLoraLinear] = inject_serving_lora(
-            model, paths, self.context, config.max_loras, config.max_lora_rank)
-        self.device = next(model.parameters()).device
-        self.dtype = self.layers[paths[0]].lora_a.dtype
+        self.layers: list[ServingLoraLinear] = []  # filled by attach()
+        self.targets: dict[str, tuple[ServingLoraLinear, int]] = {}  # target path -> (wrapper, slice)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
         self._cond = threading.Condition()
         self._load_lock = threading.Lock()  # one load at a time: the name checks and the swap stay simple
         self._current: dict[str, _Version] = {}
@@ -150,8 +146,21 @@ class AdapterRegistry:
         self._version_counter = itertools.count(1)
         self._clock = itertools.count()
         self.evictions = 0
-        logger.info("LoRA serving: %d layers, %d slots of rank <= %d (%.1f MiB on %s)", len(paths),
-                    config.max_loras, config.max_lora_rank, self.device_bytes() / 2**20, self.device)
+
+    def attach(self) -> None:
+        """Wrap the model's target projections (fused ones too) and allocate the slots. The model runner
+        calls it once, after any fusion and before the KV cache is sized; nothing loads before it."""
+        if self.layers:
+            return
+        cfg = self.config
+        self.layers = inject_serving_lora(self.model, cfg.target_modules, self.context, cfg.max_loras,
+                                          cfg.max_lora_rank)
+        if not self.layers:
+            raise ValueError(f"the model has no linear layers named {', '.join(cfg.target_modules)}")
+        self.targets = {path: (w, i) for w in self.layers for i, path in enumerate(w.slice_paths)}
+        logger.info("LoRA serving: %d targets in %d layers, %d slots of rank <= %d (%.1f MiB on %s)",
+                    len(self.targets), len(self.layers), cfg.max_loras, cfg.max_lora_rank,
+                    self.device_bytes() / 2**20, self.device)
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, name: str, lora_path: str, pinned: bool = False) -> AdapterInfo:
@@ -161,6 +170,8 @@ class AdapterRegistry:
         nothing changes.
         """
         _check_name(name)
+        if not self.layers:
+            raise RuntimeError("the adapter registry is not attached to its model yet")
         path = resolve_adapter_path(self.config.lora_root, lora_path)
         with self._load_lock:
             self._check_capacity(name, pinned)
@@ -201,7 +212,7 @@ class AdapterRegistry:
         modules: dict[str, ModuleWeights] = {}
         rank = 0
         for module_path, parts in adapter.tensors.items():
-            layer = self.layers.get(module_path)
+            layer, index = self.targets.get(module_path, (None, 0))
             if layer is None:
                 raise InvalidRequestError(
                     f"adapter {shown!r} targets module {module_path!r}, which this server does not adapt "
@@ -214,24 +225,24 @@ class AdapterRegistry:
             if r > self.config.max_lora_rank:
                 raise InvalidRequestError(f"adapter {shown!r} has rank {r} at {module_path}, above this server's "
                                           f"max_lora_rank {self.config.max_lora_rank}", "lora_path")
-            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            out_features = layer.slice_sizes[index]
+            if a.shape[1] != layer.in_features or b.shape[0] != out_features:
                 raise InvalidRequestError(
                     f"adapter {shown!r}: {module_path} expects a layer {a.shape[1]} -> {b.shape[0]}, the served "
-                    f"model's is {layer.in_features} -> {layer.out_features} (trained on another base model?)",
+                    f"model's is {layer.in_features} -> {out_features} (trained on another base model?)",
                     "lora_path")
             _, alpha = config.rank_and_alpha(module_path)
             scaling = lora_scaling(r, alpha, config.use_rslora)
-            rescale = (self._dora_factor(layer, a, b, scaling, parts["lora_magnitude_vector"])
+            rescale = (self._dora_factor(layer.slice_weight(index), a, b, scaling, parts["lora_magnitude_vector"])
                        if config.use_dora else None)
-            modules[module_path] = ModuleWeights(self._host(a), self._host(b), scaling, rescale)
+            modules[module_path] = ModuleWeights(self._host(a), self._host(b * scaling), rescale)
             rank = max(rank, r)
         return modules, rank, config.use_dora
 
     @torch.no_grad()
-    def _dora_factor(self, layer: ServingLoraLinear, a: torch.Tensor, b: torch.Tensor, scaling: float,
+    def _dora_factor(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                      magnitude: torch.Tensor) -> torch.Tensor:
-        """m / ||W + s B A||_row [N] in fp32, computed on the model's device a block of rows at a time."""
-        weight = base_weight(layer.base_layer)  # [N, K]
+        """m / ||W + s B A||_row [N] in fp32 for the base weight W [N, K], on its device, a block of rows at a time."""
         a_dev = a.to(weight.device)
         norms = []
         for lo in range(0, weight.shape[0], NORM_ROWS):
@@ -353,12 +364,8 @@ class AdapterRegistry:
             victim = min(victims, key=lambda v: v.last_used)
             slot, victim.slot = victim.slot, None
             self.evictions += 1
-        for path, layer in self.layers.items():
-            w = version.modules.get(path)
-            if w is None:
-                layer.fill_slot(slot, None, None, 0.0)
-            else:
-                layer.fill_slot(slot, w.a, w.b, w.scaling, w.rescale)
+        for layer in self.layers:
+            layer.fill_slot(slot, [version.modules.get(path) for path in layer.slice_paths])
         self._slots[slot] = version
         version.slot = slot
 
@@ -382,7 +389,7 @@ class AdapterRegistry:
 
     def device_bytes(self) -> int:
         """Bytes of the slot tensors (allocated once, at start-up)."""
-        return sum(layer.slot_bytes() for layer in self.layers.values()) * self.config.max_loras
+        return sum(layer.slot_bytes() for layer in self.layers) * self.config.max_loras
 
     def stats(self) -> dict[str, int]:
         with self._cond:

@@ -107,6 +107,7 @@ class DecodeGraphs:
         self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.adapter_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # the same with the batched-LoRA kernels
         if adapters is not None:
             adapters.enable_graphs(self.max_batch)
         self.capture_seconds = 0.0
@@ -117,13 +118,13 @@ class DecodeGraphs:
                                       context_lens=self.vec[CONTEXT_LENS, :bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
                                       max_seqlen_q=1, max_context_len=None)
 
-    def _forward(self, bs: int) -> None:
+    def _forward(self, bs: int, with_adapters: bool = False) -> None:
         """The captured computation: decode forward of the first bs static rows into self.logits[:bs] (float32)."""
         positions = self.vec[POSITIONS, :bs]
         attn = FusedRopePagedAttention(self.kv_cache, self._metadata(bs), self.head_dim, self.cos_sin_cache,
                                        positions)
         lora = contextlib.nullcontext()
-        if self.adapters is not None:
+        if with_adapters:
             lora = self.adapters.context.use(self.adapters.graph_batch(bs))
         with lora:
             hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
@@ -138,14 +139,17 @@ class DecodeGraphs:
         self.vec[CONTEXT_LENS] = ctx
         self.tables.copy_(torch.arange(self.max_blocks, dtype=torch.int32).remainder(self.kv_cache.num_blocks))
         pool = None
-        for bs in reversed(self.sizes):
-            self._forward(bs)  # compiles and autotunes the kernels for this shape outside the capture
+        # With adapters, a second graph per size runs the batched-LoRA kernels; steps without adapter
+        # tokens replay the plain one.
+        for bs, with_adapters in [(bs, v) for bs in reversed(self.sizes)
+                                  for v in ((False, True) if self.adapters is not None else (False,))]:
+            self._forward(bs, with_adapters)  # compiles and autotunes the kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs)
+                self._forward(bs, with_adapters)
             pool = graph.pool()
-            self.graphs[bs] = graph
+            (self.adapter_graphs if with_adapters else self.graphs)[bs] = graph
         self.vec[CONTEXT_LENS] = 0
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
@@ -166,8 +170,10 @@ class DecodeGraphs:
         self.vec.copy_(self.host_vec, non_blocking=True)
         self.tables[:bs, :width].copy_(self.host_tables[:bs * width].view(bs, width), non_blocking=True)
         self.copied.record()
-        if self.adapters is not None:  # each row's adapter slot, into the buffers the graph reads
-            self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)
+        lora = None
+        if self.adapters is not None and any(s.adapter is not None for s in plan.seqs):
+            self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)  # into the buffers the graph reads
+            lora = self.adapters.graph_batch(bs)
         return ModelInput(
             input_ids=self.vec[IDS, :n].view(1, n),
             positions=self.vec[POSITIONS, :n].view(1, n),
@@ -175,10 +181,11 @@ class DecodeGraphs:
             logits_indices=self.rows[:n],
             sample_rows={s.request_id: i for i, s in enumerate(plan.seqs)},
             prompt_rows={},
+            lora=lora,
             graph_batch=bs,
         )
 
     def replay(self, inp: ModelInput) -> torch.Tensor:
         """Run the captured step; float32 logits [n, V], a view valid until the next replay."""
-        self.graphs[inp.graph_batch].replay()
+        (self.graphs if inp.lora is None else self.adapter_graphs)[inp.graph_batch].replay()
         return self.logits[: inp.logits_indices.shape[0]]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.lora_batched import LoraSegments, add_lora
-from engine.lora import is_linear
+from engine.lora import base_weight, is_linear
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,30 @@ class LoraStepContext:
 
 
 class ServingLoraLinear(nn.Module):
-    """A frozen base linear layer plus slot-stacked adapters: A [S, R, K], B [S, N, R], scaling [S], rescale [S, N].
+    """A frozen base linear layer plus slot-stacked adapters: A [S, n*R, K], B [S, N, n*R], scaling [S], rescale [S, N].
 
+    A packed layer (a fused q/k/v or gate/up projection) holds n slices, each an adapter target of
+    its own (`slice_paths`): slice i's A sits in rank rows i*R..(i+1)*R and its B in output rows
+    `slice_offsets[i]`.. and the same rank columns, so B is block-diagonal and one shrink and one
+    expand serve every slice. Each slice's scaling is folded into its B; a filled slot has scaling 1.
     Slots hold zeros until filled; a slot is only ever read for tokens the step assigns to it.
     """
 
     def __init__(self, base_layer: nn.Module, context: LoraStepContext, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, slices: list[tuple[str, int]]):
         super().__init__()
         self.base_layer = base_layer
         self.context = context
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        k, n = self.in_features, self.out_features
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, k, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, n, max_rank, dtype=dtype, device=device), persistent=False)
+        self.slice_paths = [path for path, _ in slices]
+        self.slice_sizes = [size for _, size in slices]
+        self.slice_offsets = [sum(self.slice_sizes[:i]) for i in range(len(slices))]
+        if sum(self.slice_sizes) != self.out_features:
+            raise ValueError(f"slices {slices} do not add up to the layer's {self.out_features} outputs")
+        self.max_rank = max_rank
+        k, n, r = self.in_features, self.out_features, max_rank * len(slices)
+        self.register_buffer("lora_a", torch.zeros(num_slots, r, k, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(num_slots, n, r, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scaling", torch.zeros(num_slots, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("rescale", torch.ones(num_slots, n, dtype=torch.float32, device=device), persistent=False)
 
@@ -88,46 +98,65 @@ class ServingLoraLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
-    def fill_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float,
-                  rescale: torch.Tensor | None = None) -> None:
-        """Copy one adapter's tensors into `slot` (rank zero-padded); a None pair leaves the layer unadapted."""
+    def fill_slot(self, slot: int, parts: list) -> None:
+        """Copy one adapter into `slot`: parts[i] (a, s·b, rescale) for slice i, or None (slice unadapted)."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.rescale[slot].fill_(1.0)
-        if a is None:
-            self.scaling[slot] = 0.0
-            return
-        r = a.shape[0]
-        self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b)
-        self.scaling[slot] = float(scaling)
-        if rescale is not None:
-            self.rescale[slot].copy_(rescale)
+        self.scaling[slot] = 0.0
+        for i, part in enumerate(parts):
+            if part is None:
+                continue
+            r, lo, off, size = part.a.shape[0], i * self.max_rank, self.slice_offsets[i], self.slice_sizes[i]
+            self.lora_a[slot, lo:lo + r].copy_(part.a)
+            self.lora_b[slot, off:off + size, lo:lo + r].copy_(part.b)  # s B: the scaling is folded in
+            if part.rescale is not None:
+                self.rescale[slot, off:off + size].copy_(part.rescale)
+            self.scaling[slot] = 1.0
+
+    def slice_weight(self, index: int) -> torch.Tensor:
+        """The dense base weight rows [size, K] of slice `index` (dequantized if the base is quantized)."""
+        off = self.slice_offsets[index]
+        return base_weight(self.base_layer)[off:off + self.slice_sizes[index]]
 
     def slot_bytes(self) -> int:
         """Device bytes of one slot in this layer."""
         return sum(t[0].numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.scaling, self.rescale))
 
     def extra_repr(self) -> str:
-        s, r, _ = self.lora_a.shape
-        return f"slots={s}, max_rank={r}"
+        return f"slots={self.lora_a.shape[0]}, max_rank={self.max_rank}, slices={len(self.slice_paths)}"
 
 
-def serving_targets(model: nn.Module, leaf_names: tuple[str, ...]) -> list[str]:
-    """Paths of the linear layers whose last name is one of `leaf_names` (e.g. q_proj), in model order."""
-    return [path for path, mod in model.named_modules()
-            if path and is_linear(mod) and path.rsplit(".", 1)[-1] in leaf_names]
+# Fused projections (engine/fusion.py) and the targets they hold, in output order.
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def inject_serving_lora(model: nn.Module, paths: list[str], context: LoraStepContext, num_slots: int,
-                        max_rank: int) -> dict[str, ServingLoraLinear]:
-    """Wrap the layers at `paths` in ServingLoraLinear (in place); returns path -> wrapper."""
+def _slices(parent: nn.Module, path: str, leaf: str, layer: nn.Module) -> list[tuple[str, int]]:
+    """(adapter target path, output size) of each slice of the layer at `path`."""
+    prefix = path[: -len(leaf)]
+    if leaf == "qkv_proj":
+        q, kv = parent.num_heads * parent.head_dim, parent.num_kv_heads * parent.head_dim
+        sizes = [q, kv, kv]
+    elif leaf == "gate_up_proj":
+        sizes = [layer.out_features // 2] * 2
+    else:
+        return [(path, layer.out_features)]
+    return [(prefix + name, size) for name, size in zip(PACKED[leaf], sizes)]
+
+
+def inject_serving_lora(model: nn.Module, targets: tuple[str, ...], context: LoraStepContext, num_slots: int,
+                        max_rank: int) -> list[ServingLoraLinear]:
+    """Wrap every linear layer named in `targets` (q_proj, ...; fused projections holding them too) in a
+    ServingLoraLinear, in place; returns the wrappers in model order."""
     param = next(model.parameters())
-    wrappers = {}
-    for path in paths:
+    found = [(path, mod) for path, mod in model.named_modules() if path and is_linear(mod)
+             and (path.rsplit(".", 1)[-1] in targets or set(PACKED.get(path.rsplit(".", 1)[-1], ())) & set(targets))]
+    wrappers = []
+    for path, layer in found:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        wrapper = ServingLoraLinear(getattr(parent, leaf), context, num_slots, max_rank, param.dtype, param.device)
+        wrapper = ServingLoraLinear(layer, context, num_slots, max_rank, param.dtype, param.device,
+                                    _slices(parent, path, leaf, layer))
         setattr(parent, leaf, wrapper)
-        wrappers[path] = wrapper
+        wrappers.append(wrapper)
     return wrappers

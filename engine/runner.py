@@ -70,11 +70,12 @@ class ModelRunner:
         self.use_kernels = _dispatch.use_triton(param)
         self.cos_sin_cache = None
         if self.use_kernels:
-            if adapters is None:  # adapters wrap the separate q/k/v and gate/up projections
-                from engine.fusion import fuse_model
+            from engine.fusion import fuse_model
 
-                fuse_model(model)
+            fuse_model(model)
             self.cos_sin_cache = build_cos_sin_cache(model.inv_freq.float(), max_model_len)
+        if adapters is not None:  # wraps the (fused) projections; its slots are allocated before KV sizing
+            adapters.attach()
         self.num_blocks = self._num_kv_blocks()
         mc = self.model_config
         self.kv_cache = KVCache(mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,

@@ -20,6 +20,7 @@ from engine.adapters import AdapterNotFoundError, AdapterServingConfig
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
+from engine.fusion import fuse_model
 from engine.lora import merge_adapters
 from engine.model import Transformer
 from engine.sampling import SamplingParams
@@ -56,10 +57,13 @@ def merged(base_model: Transformer, adapter_dir, device: str = "cpu") -> Transfo
     return merge_adapters(model).eval().to(device)
 
 
-def make_engine(base_model, lora_root, max_loras=4, device="cpu", **kw) -> Engine:
+def make_engine(base_model, lora_root, max_loras=4, device="cpu", fused=False, **kw) -> Engine:
     config = EngineConfig(model="", device=device, max_model_len=256, kv_cache_tokens=4096, block_size=16, **kw)
     adapters = AdapterServingConfig(lora_root=str(lora_root), max_loras=max_loras, max_lora_rank=8)
-    return Engine(config, model=copy.deepcopy(base_model).to(device), tokenizer=None, adapters=adapters)
+    model = copy.deepcopy(base_model).to(device)
+    if fused:  # what the runner does on CUDA: adapters then wrap the fused q/k/v and gate/up projections
+        fuse_model(model)
+    return Engine(config, model=model, tokenizer=None, adapters=adapters)
 
 
 class Recorder:
@@ -117,12 +121,13 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, 256, (length + i,), generator=gen).tolist() for i in range(n)]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", "cpu-fused", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    engine = make_engine(base_model, lora_root, device=device)
+    fused, device = device.endswith("-fused"), device.removesuffix("-fused")
+    engine = make_engine(base_model, lora_root, device=device, fused=fused)
     first = "x" if kind == "lora" else "d"
     engine.adapters.load(first, first)
     engine.adapters.load("y", "y")
@@ -138,6 +143,8 @@ def test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind, dev
     first_plan = steps[0][0]
     assert {s.adapter[0] if s.adapter else None for s in first_plan.seqs} == {first, "y", None}
     assert steps[0][2].has_dora == (kind == "dora")
+    if fused:
+        assert any(len(layer.slice_paths) == 3 for layer in engine.adapters.layers)
     with torch.no_grad():
         # On CUDA the engine runs the Triton kernels (fp32 dots in IEEE mode), the reference cuBLAS.
         checked = check_logits(steps, tokens, {rid: refs[name] for rid, name in names.items()},
