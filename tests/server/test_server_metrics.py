@@ -74,19 +74,37 @@ def test_counters_follow_requests(server):
     assert sample(after, "ember_kv_cache_usage_ratio", **BASE) == 0
 
 
-def test_request_id_header_and_log_line(server, caplog):
+def test_request_id_header_and_log_line(server):
     import json
     import logging
+    import threading
 
-    with caplog.at_level(logging.INFO, logger="ember.request"):
+    # The access line is written once the response has gone out, so wait for it rather than read at once.
+    lines, arrived = [], threading.Event()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(json.loads(record.getMessage()))
+            arrived.set()
+
+    logger = logging.getLogger("ember.request")
+    handler, old_level = Collect(level=logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "user": "alice"},
                        timeout=60)
-    assert r.status_code == 200
-    rid = r.headers["x-request-id"]
-    assert rid == r.json()["id"]
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "ember.request"]
-    mine = [line for line in lines if line.get("request_id") == rid]
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        assert rid == r.json()["id"]
+        mine = []
+        while not mine and arrived.wait(timeout=10):
+            arrived.clear()
+            mine = [line for line in list(lines) if line.get("request_id") == rid]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
     assert len(mine) == 1
     line = mine[0]
     assert line["status"] == 200 and line["route"] == "/v1/chat/completions" and line["user"] == "alice"
