@@ -84,6 +84,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        window = self.model_config.sliding_window
+        if window and self.max_model_len > window:
+            # Attention here is always full; beyond the window the model would see more than it was
+            # trained to, so the context stops at the window instead of silently giving other outputs.
+            logger.warning("the checkpoint's sliding_window is %d; Ember attends over the full context, "
+                           "so max_model_len is capped at %d", window, window)
+            self.max_model_len = window
         if self.max_model_len > self.model_config.max_position_embeddings:
             logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                            self.max_model_len, self.model_config.max_position_embeddings)
