@@ -2,14 +2,21 @@
 
 Each figure is set against a baseline timed in the same run: cuBLAS bf16 F.linear and torch's
 int4 kernel (torch._weight_int4pack_mm) for the matmuls, torch SDPA on contiguous KV for
-attention, and a device-to-device copy for bandwidth. Every op is timed as a CUDA graph that
-replays it over R rotated input sets (together larger than L2), after a warm-up that also runs
-Triton's autotuning; the figure is the median per-op time over repeats.
+attention, and two bandwidth ceilings: a device-to-device copy (eager dst.copy_(src) of 2 GiB,
+bytes read + written, CUDA events, median) and a read-only streaming kernel. Every kernel is
+timed as a CUDA graph that replays it over rotated input sets (together larger than L2), after
+a warm-up that also runs Triton's autotuning; the figure is the median per-op time.
 
-    python benchmarks/bench_kernels.py --out bench_kernels.json            # full run (H200: ~3 min)
+With --sweep, each quantized case also times a set of launch configurations (kernel family,
+tiles, warps, prefetch, split-K), installs the winner for the rest of the run, and writes the
+winners as a table (JSON for EMBER_QUANT_TUNING, and a quant_tuned.py to commit); the reported
+int4/int8 times are then those of the default dispatch, which picks the winners. The decode
+attention sweep times the autotune configurations and split counts on the large cases.
+
+    python benchmarks/bench_kernels.py --out bench_kernels.json            # full run
+    python benchmarks/bench_kernels.py --sweep --out bench_kernels.json    # + config sweeps
     python benchmarks/bench_kernels.py --only attention --out a.json
-    python benchmarks/bench_kernels.py --sweep --only quant --out s.json   # also try tile configs
-    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke --out /tmp/s.json   # CPU plumbing check
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke --sweep --out /tmp/s.json   # CPU plumbing
 """
 from __future__ import annotations
 
@@ -33,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROTATE_BYTES = 256 << 20  # rotated inputs per measurement: > 4x the H200's 60 MB L2
 MAX_COPIES = 64
+CLOCK = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - CLOCK:6.1f}s] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +52,7 @@ MAX_COPIES = 64
 # ---------------------------------------------------------------------------------------------
 
 def time_per_op(fns: list[Callable[[], object]], repeats: int) -> float:
-    """Median milliseconds per call of one op over its rotated input sets."""
+    """Median milliseconds per call of one op over its rotated input sets (CUDA graph replay)."""
     for f in fns:  # warm-up: compiles, autotunes, fills allocator pools
         f()
     if not torch.cuda.is_available():
@@ -72,16 +84,78 @@ def time_per_op(fns: list[Callable[[], object]], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def time_eager(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of one eager call, CUDA events around each (for long ops)."""
+    for _ in range(3):
+        fn()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
 def copies_for(nbytes: int) -> int:
     return max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def copy_bandwidth(device: torch.device, repeats: int, nbytes: int = 1 << 30) -> float:
-    """Device copy bandwidth in TB/s (bytes read + written), the ceiling the kernels are set against."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+# ---------------------------------------------------------------------------------------------
+# Ceilings
+# ---------------------------------------------------------------------------------------------
+
+def ceilings(device: torch.device, repeats: int, nbytes: int) -> dict:
+    """Bandwidth ceilings in TB/s: eager copy (read + write), the same copy in a CUDA graph, and a
+    read-only streaming kernel. The eager copy is the reference the percentages use.
+
+    (A 1 GiB copy replayed from a CUDA graph read 2.70 TB/s on the H200, against ~4.1 eager: the
+    graph's memcpy node takes another path than the eager copy kernel. Kernels stay graph-timed;
+    only the ceiling is taken eagerly.)
+    """
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    src.uniform_(-1, 1)  # never time on zeros
     dst = torch.empty_like(src)
-    ms = time_per_op([lambda: dst.copy_(src)], repeats)
-    return 2 * nbytes / (ms * 1e-3) / 1e12
+    res = {"copy_bytes_each_way": nbytes}
+    ms = time_eager(lambda: dst.copy_(src), repeats)
+    res["copy_TBps"] = 2 * nbytes / (ms * 1e-3) / 1e12
+    res["copy_graph_TBps"] = 2 * nbytes / (time_per_op([lambda: dst.copy_(src)], repeats) * 1e-3) / 1e12
+    del dst
+    try:
+        res["read_TBps"] = read_bandwidth(src, repeats)
+    except Exception as exc:  # no Triton on this machine
+        res["read_error"] = str(exc).splitlines()[0][:160]
+    return res
+
+
+def read_bandwidth(src: torch.Tensor, repeats: int) -> float:
+    """A Triton kernel that reads `src` once in 16-byte loads (one int32 per program written)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read(ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK * ITERS + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.int32)
+        for i in range(ITERS):
+            acc ^= tl.load(ptr + offs + i * BLOCK, mask=offs + i * BLOCK < n, other=0)
+        tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+    words = src.view(torch.int32)
+    n = words.numel()
+    block, iters = 2048, 16
+    grid = (triton.cdiv(n, block * iters),)
+    out = torch.empty(grid[0], dtype=torch.int32, device=src.device)
+    ms = time_eager(lambda: _read[grid](words, out, n, BLOCK=block, ITERS=iters, num_warps=8), repeats)
+    return n * 4 / (ms * 1e-3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +175,46 @@ def _int4pack_baseline(n: int, k: int, group: int, device):
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep) -> list[dict]:
-    from engine.kernels.quant_matmul import quantize_int4, quantize_int8
-    from engine.kernels.quant_matmul_triton import TileConfig, quant_matmul_triton, tile_config
+def quant_candidates(bits: int, m: int) -> list:
+    """Stage-1 launch shapes per (bits, M); stage 2 varies the split of the stage-1 winner."""
+    from engine.kernels.quant_tuning import TileConfig as T
 
-    rows = []
+    gemv = dict(kernel="gemv")
+    out = []
+    if m == 1:
+        if bits == 4:
+            out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 256, 8, 1, **gemv), T(1, 128, 8, 1, **gemv),
+                    T(1, 64, 2, 1, **gemv), T(1, 128, 4, 1, prefetch=0, **gemv)]
+        else:
+            out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 64, 4, 1, block_k=256, **gemv),
+                    T(1, 128, 8, 1, **gemv)]
+    elif m <= 4:  # four activation rows: wider tiles spill registers
+        out += [T(4, 64, 4, 1, **gemv), T(4, 128, 8, 1, **gemv)]
+    if m <= 16:
+        if bits == 4:
+            out += [T(16, 64, 4, 3), T(16, 128, 4, 3), T(16, 128, 8, 3), T(16, 256, 8, 3),
+                    T(16, 64, 4, 3, prefetch=0)]
+        else:
+            out += [T(16, 64, 4, 4), T(16, 128, 8, 4), T(16, 64, 4, 4, block_k=256)]
+            if m > 4:
+                out += [T(16, 128, 4, 3)]
+    else:
+        if bits == 4:
+            out += [T(64, 64, 4, 3), T(64, 128, 8, 3), T(32, 128, 4, 3), T(64, 64, 4, 4)]
+        else:
+            out += [T(64, 64, 4, 4), T(64, 128, 4, 3), T(64, 128, 8, 3)]
+    return out
+
+
+def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline, rows: list, save) -> dict:
+    """Append one row per (shape, M) to `rows` (saving after each); returns the sweep's winners."""
+    from dataclasses import replace
+
+    from engine.kernels.quant_matmul import quantize_int4, quantize_int8
+    from engine.kernels.quant_matmul_triton import quant_matmul_triton
+    from engine.kernels.quant_tuning import register_tuned, tile_config, tuning_key
+
+    tuned = {}
     for k, n in shapes:
         w = torch.randn(n, k, device=device) * 0.02
         dense = w.to(dtype)
@@ -120,8 +229,8 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep) -> list[d
         }
         # Rotated weight copies; activations are tiny and shared.
         dense_c = [dense] + [dense.clone() for _ in range(sets["bf16"][1] - 1)]
-        q8_c = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(sets["int8"][1] - 1)]
-        q4_c = [(q4, s4)] + [(q4.clone(), s4.clone()) for _ in range(sets["int4"][1] - 1)]
+        q_c = {8: [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(sets["int8"][1] - 1)],
+               4: [(q4, s4)] + [(q4.clone(), s4.clone()) for _ in range(sets["int4"][1] - 1)]}
         p4_c = None
         if not isinstance(base4, str):
             p4_c = [base4] + [(base4[0].clone(), base4[1].clone()) for _ in range(sets["int4"][1] - 1)]
@@ -132,9 +241,25 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep) -> list[d
             t = time_per_op([lambda wt=wt: F.linear(x, wt) for wt in dense_c], repeats)
             row["bf16_cublas_ms"] = t
             row["bf16_cublas_TBps"] = (sets["bf16"][0] + io) / t / 1e9
-            for name, copies_, bits in (("int8", q8_c, 8), ("int4", q4_c, 4)):
-                t = time_per_op([lambda qs=qs: quant_matmul_triton(x, qs[0], qs[1], None, bits) for qs in copies_],
+            for name, bits in (("int8", 8), ("int4", 4)):
+                g = group if bits == 4 else None
+                if sweep and time.perf_counter() < deadline:
+                    trials = _sweep_case(x, q_c[bits], bits, m, repeats, quant_candidates(bits, m), deadline,
+                                         quant_matmul_triton, replace)
+                    row[f"{name}_sweep"] = trials
+                    ok = [r for r in trials if "ms" in r]
+                    if ok:
+                        best = min(ok, key=lambda r: r["ms"])
+                        cfg = best["_cfg"]
+                        key = tuning_key(bits, g, m, k, n)
+                        tuned[key] = cfg
+                        register_tuned({key: cfg})
+                    for r in trials:
+                        r.pop("_cfg", None)
+                cfg = tile_config(m, n, k, bits, g)
+                t = time_per_op([lambda qs=qs: quant_matmul_triton(x, qs[0], qs[1], None, bits) for qs in q_c[bits]],
                                 repeats)
+                row[f"{name}_config"] = cfg.to_dict()
                 row[f"{name}_ms"] = t
                 row[f"{name}_TBps"] = (sets[name][0] + io) / t / 1e9
                 row[f"{name}_speedup_vs_bf16"] = row["bf16_cublas_ms"] / t
@@ -145,57 +270,86 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep) -> list[d
             else:
                 row["torch_int4pack_ms"] = None
                 row["torch_int4pack_note"] = base4 if isinstance(base4, str) else "needs bf16"
-            if sweep:
-                row["int4_sweep"] = _sweep(x, q4_c, 4, m, repeats, TileConfig, tile_config, quant_matmul_triton)
-                row["int8_sweep"] = _sweep(x, q8_c, 8, m, repeats, TileConfig, tile_config, quant_matmul_triton)
             rows.append(row)
             _print_quant_row(row)
-        del dense_c, q8_c, q4_c, p4_c
-    return rows
+            save()
+        del dense_c, q_c, p4_c
+    return tuned
 
 
-def _sweep(x, copies_, bits, m, repeats, TileConfig, tile_config, matmul) -> list[dict]:
-    """A handful of tile shapes and split factors around the default, for tuning tile_config()."""
-    base = tile_config(m)
-    candidates = {base}
-    for bn, warps, stages in ((32, 2, 4), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 4, 6)):
-        for split in (None, 1, 2, 4, 8):
-            candidates.add(TileConfig(base.block_m, bn, warps, stages, split))
+def _sweep_case(x, copies_, bits, m, repeats, candidates, deadline, matmul, replace) -> list[dict]:
+    """Stage 1: every candidate at the default split; stage 2: the winner at other splits."""
     out = []
-    for cfg in sorted(candidates, key=str):
+
+    def trial(cfg):
+        if time.perf_counter() > deadline:
+            return
         try:
-            t = time_per_op([lambda qs=qs: matmul(x, qs[0], qs[1], None, bits, cfg) for qs in copies_], repeats)
-        except Exception as exc:  # out of shared memory and the like
-            out.append({"config": cfg.__dict__, "error": str(exc).splitlines()[0][:120]})
-            continue
-        out.append({"config": cfg.__dict__, "ms": t})
-    best = min((r for r in out if "ms" in r), key=lambda r: r["ms"], default=None)
-    if best:
-        print(f"      sweep int{bits} M={m}: best {best['config']} {best['ms'] * 1e3:.1f} us")
+            t = time_per_op([lambda qs=qs: matmul(x, qs[0], qs[1], None, bits, cfg) for qs in copies_],
+                            max(10, repeats // 2))
+            out.append({"config": cfg.to_dict(), "ms": t, "_cfg": cfg})
+        except Exception as exc:  # out of registers / shared memory and the like
+            out.append({"config": cfg.to_dict(), "error": str(exc).splitlines()[0][:160]})
+
+    for cfg in candidates:
+        trial(cfg)
+    ok = [r for r in out if "ms" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])["_cfg"]
+        for waves in (1, 2, 8, 16):
+            trial(replace(best, waves=waves))
+        trial(replace(best, split_k=1))
+    ok = [r for r in out if "ms" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        c = best["config"]
+        print(f"      sweep int{bits} M={m}: {len(ok)} configs, best {c['kernel']} {c['block_m']}x{c['block_n']} "
+              f"w{c['num_warps']} s{c['num_stages']} pf{c['prefetch']} bk{c['block_k']} waves{c['waves']} "
+              f"split{c['split_k']} {best['ms'] * 1e3:.1f} us")
     return out
 
 
 def _print_quant_row(r: dict) -> None:
     def us(v):
-        return f"{v * 1e3:8.1f}" if v is not None else "     n/a"
+        return f"{v * 1e3:7.1f}" if v is not None else "    n/a"
 
     sp4 = r.get("torch_int4pack_speedup_vs_bf16")
-    print(f"  K={r['K']:5d} N={r['N']:5d} M={r['M']:3d} | bf16 {us(r['bf16_cublas_ms'])} us "
-          f"{r['bf16_cublas_TBps']:5.2f} TB/s | int8 {us(r['int8_ms'])} us x{r['int8_speedup_vs_bf16']:4.2f} "
-          f"{r['int8_TBps']:5.2f} TB/s | int4 {us(r['int4_ms'])} us x{r['int4_speedup_vs_bf16']:4.2f} "
-          f"{r['int4_TBps']:5.2f} TB/s | torch int4 {us(r['torch_int4pack_ms'])} us "
-          f"{'x%4.2f' % sp4 if sp4 else ''}")
+    log(f"K={r['K']:5d} N={r['N']:5d} M={r['M']:3d} | bf16 {us(r['bf16_cublas_ms'])} us "
+        f"{r['bf16_cublas_TBps']:4.2f} TB/s | int8 {us(r['int8_ms'])} us x{r['int8_speedup_vs_bf16']:4.2f} "
+        f"{r['int8_TBps']:4.2f} TB/s | int4 {us(r['int4_ms'])} us x{r['int4_speedup_vs_bf16']:4.2f} "
+        f"{r['int4_TBps']:4.2f} TB/s [{r['int4_config']['kernel']}] | torch int4 {us(r['torch_int4pack_ms'])} us "
+        f"{'x%4.2f' % sp4 if sp4 else ''}")
+
+
+def write_tuned(tuned: dict, path: Path, device_name: str, commit: str) -> None:
+    """The sweep's winners: JSON (EMBER_QUANT_TUNING) and a quant_tuned.py ready to commit."""
+    stamp = dt.date.today().isoformat()
+    entries = {key: cfg.to_dict() for key, cfg in sorted(tuned.items())}
+    path.write_text(json.dumps({"device": device_name, "date": stamp, "commit": commit, "entries": entries},
+                               indent=1) + "\n")
+    lines = ['"""Measured launch winners of the weight-only matmuls (see quant_tuning.py for the lookup).',
+             "",
+             f"Written by `benchmarks/bench_kernels.py --sweep` on {device_name}, {stamp}, commit {commit}.",
+             '"""', "", "TUNED: dict[str, dict] = {"]
+    for key, cfg in entries.items():
+        lines.append(f"    {key!r}: {cfg!r},")
+    lines.append("}")
+    path.with_suffix(".py").write_text("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
 # Paged decode attention
 # ---------------------------------------------------------------------------------------------
 
-def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, copy_tbps) -> list[dict]:
-    from engine.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention_triton
-    from engine.kernels._triton_util import num_sms
+ATTN_SWEEP_CASES = ((32, 8192), (64, 8192), (64, 2048), (8, 8192))
 
-    rows = []
+
+def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, copy_tbps, sweep,
+                 deadline, rows: list, save) -> None:
+    """Append one row per (batch, context) to `rows`, saving after each."""
+    from engine.kernels._triton_util import num_sms
+    from engine.kernels.paged_decode_triton import _CONFIGS, choose_num_splits, paged_decode_attention_triton
+
     elt = torch.empty((), dtype=dtype).element_size()
     for b in batches:
         for ctx in contexts:
@@ -215,27 +369,45 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             scale = d ** -0.5
             splits = choose_num_splits(b, hkv, ctx, num_sms(device))
             row = {"batch": b, "context": ctx, "kv_bytes": kv_bytes, "num_splits": splits}
-            t = time_per_op([lambda t=t: paged_decode_attention_triton(q, k_cache, v_cache, t, lens, scale,
-                                                                        max_context_len=ctx) for t in tables], repeats)
-            row["paged_ms"] = t
-            row["paged_TBps"] = (kv_bytes + io) / t / 1e9
-            t1 = time_per_op([lambda t=t: paged_decode_attention_triton(q, k_cache, v_cache, t, lens, scale,
-                                                                         num_splits=1) for t in tables], repeats)
-            row["paged_nosplit_ms"] = t1
+
+            def run(**kw):
+                return time_per_op([lambda t=t: paged_decode_attention_triton(q, k_cache, v_cache, t, lens, scale,
+                                                                              max_context_len=ctx, **kw)
+                                    for t in tables], repeats)
+
+            row["paged_ms"] = run()
+            row["paged_TBps"] = (kv_bytes + io) / row["paged_ms"] / 1e9
+            row["paged_nosplit_ms"] = run(num_splits=1)
+            if sweep and (b, ctx) in ATTN_SWEEP_CASES and time.perf_counter() < deadline:
+                trials = []
+                for c in _CONFIGS:
+                    cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+                    for s in sorted({splits, max(1, splits // 2), 2 * splits, 4 * splits}):
+                        if time.perf_counter() > deadline:
+                            break
+                        try:
+                            trials.append({"config": cfg, "num_splits": s, "ms": run(num_splits=s, config=cfg)})
+                        except Exception as exc:
+                            trials.append({"config": cfg, "num_splits": s, "error": str(exc).splitlines()[0][:160]})
+                row["sweep"] = trials
+                ok = [t for t in trials if "ms" in t]
+                if ok:
+                    best = min(ok, key=lambda t: t["ms"])
+                    print(f"      sweep B={b} ctx={ctx}: best {best['config']} splits={best['num_splits']} "
+                          f"{best['ms'] * 1e3:.1f} us (default {row['paged_ms'] * 1e3:.1f} us)")
             del k_cache, v_cache
             # Baseline: SDPA on contiguous [B, H, L, D] KV, same bytes.
-            rs = copies_for(kv_bytes)
-            kc = [torch.randn(b, hkv, ctx, d, device=device, dtype=dtype) for _ in range(rs)]
-            vc = [torch.randn_like(kc[0]) for _ in range(rs)]
+            kc = [torch.randn(b, hkv, ctx, d, device=device, dtype=dtype) for _ in range(r)]
+            vc = [torch.randn_like(kc[0]) for _ in range(r)]
             q4 = q.view(b, hq, 1, d)
             try:
                 torch.nn.functional.scaled_dot_product_attention(q4, kc[0], vc[0], enable_gqa=True)
-                sdpa = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], enable_gqa=True) for i in range(rs)]
+                sdpa = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], enable_gqa=True) for i in range(r)]
                 row["sdpa_mode"] = "enable_gqa"
             except (TypeError, RuntimeError):
                 g = hq // hkv
                 sdpa = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i].repeat_interleave(g, 1),
-                                                                   vc[i].repeat_interleave(g, 1)) for i in range(rs)]
+                                                                   vc[i].repeat_interleave(g, 1)) for i in range(r)]
                 row["sdpa_mode"] = "expanded (includes the expand)"
             t2 = time_per_op(sdpa, repeats)
             del kc, vc
@@ -245,11 +417,11 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             row["sdpa_pct_of_copy"] = 100 * row["sdpa_TBps"] / copy_tbps
             row["paged_vs_sdpa"] = t2 / row["paged_ms"]
             rows.append(row)
-            print(f"  B={b:3d} ctx={ctx:5d} splits={splits:2d} | paged {row['paged_ms'] * 1e3:8.1f} us "
-                  f"{row['paged_TBps']:5.2f} TB/s {row['paged_pct_of_copy']:5.1f}% (no split "
-                  f"{t1 * 1e3:8.1f} us) | SDPA {t2 * 1e3:8.1f} us {row['sdpa_TBps']:5.2f} TB/s "
-                  f"{row['sdpa_pct_of_copy']:5.1f}% | paged/SDPA speed x{row['paged_vs_sdpa']:4.2f}")
-    return rows
+            save()
+            log(f"B={b:3d} ctx={ctx:5d} splits={splits:2d} | paged {row['paged_ms'] * 1e3:7.1f} us "
+                f"{row['paged_TBps']:4.2f} TB/s {row['paged_pct_of_copy']:5.1f}% (no split "
+                f"{row['paged_nosplit_ms'] * 1e3:7.1f} us) | SDPA {t2 * 1e3:7.1f} us {row['sdpa_TBps']:4.2f} TB/s "
+                f"{row['sdpa_pct_of_copy']:5.1f}% | paged/SDPA speed x{row['paged_vs_sdpa']:4.2f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +436,34 @@ def _commit() -> str:
         return "unknown (set EMBER_COMMIT)"
 
 
+def summary(report: dict) -> None:
+    """The short table printed last."""
+    c = report["ceilings"]
+    print(f"\n== summary ({report['hardware']}, commit {report['commit'][:10]}) ==")
+    print(f"copy {c['copy_TBps']:.2f} TB/s (graph-replayed copy {c['copy_graph_TBps']:.2f}), "
+          f"read-only {c.get('read_TBps', float('nan')):.2f} TB/s")
+    for r in report.get("quant_matmul", []):
+        t4 = r.get("torch_int4pack_speedup_vs_bf16")
+        print(f"K={r['K']:5d} N={r['N']:5d} M={r['M']:2d}  bf16 {r['bf16_cublas_ms'] * 1e3:6.1f}us  "
+              f"int8 x{r['int8_speedup_vs_bf16']:4.2f} ({r['int8_config']['kernel']})  "
+              f"int4 x{r['int4_speedup_vs_bf16']:4.2f} ({r['int4_config']['kernel']}, "
+              f"{100 * r['int4_TBps'] / c['copy_TBps']:3.0f}% of copy)  "
+              f"torch-int4 x{t4 if t4 else float('nan'):4.2f}")
+    for r in report.get("decode_attention", []):
+        print(f"B={r['batch']:2d} ctx={r['context']:5d}  paged {r['paged_ms'] * 1e3:7.1f}us "
+              f"{r['paged_pct_of_copy']:5.1f}% of copy  SDPA {r['sdpa_ms'] * 1e3:7.1f}us  x{r['paged_vs_sdpa']:4.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--only", choices=["quant", "attention", "all"], default="all")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--sweep", action="store_true", help="also time a few tile configs of the quantized matmuls")
+    p.add_argument("--sweep", action="store_true", help="time launch configs; install and write the winners")
+    p.add_argument("--tuned-out", help="where the sweep's quant table goes (default: quant_tuned.json beside --out)")
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="sweeps stop starting new trials after this many seconds (the tables still complete)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter plumbing check)")
     args = p.parse_args(argv)
 
@@ -279,44 +472,72 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run on a GPU, or pass --smoke under TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
+    global ROTATE_BYTES
     if args.smoke:
         dtype = torch.bfloat16 if cuda else torch.float16
         ms_list, shapes, batches, contexts = [1, 4], [(256, 128)], [1, 2], [64]
         heads, repeats = (8, 2, 64, 16), 1 if not cuda else args.repeats
-        global ROTATE_BYTES
         ROTATE_BYTES = 1 << 16
+        copy_bytes = 1 << 20
     else:
         dtype = torch.bfloat16
-        ms_list, shapes = [1, 4, 16, 64], [(4096, 4096), (4096, 14336), (14336, 4096)]
+        # Target shapes first: if the sweep budget runs out, the later cases keep their defaults.
+        ms_list, shapes = [1, 16, 4, 64], [(4096, 14336), (14336, 4096), (4096, 4096)]
         batches, contexts = [1, 8, 32, 64], [512, 2048, 8192]
         heads, repeats = (32, 8, 128, 16), args.repeats
+        copy_bytes = 2 << 30
+    if args.smoke:
+        global ATTN_SWEEP_CASES
+        ATTN_SWEEP_CASES = ((2, 64),)
     torch.manual_seed(0)
-    copy_tbps = copy_bandwidth(device, repeats, 1 << 30 if cuda else 1 << 20)
-    print(f"device copy bandwidth: {copy_tbps:.2f} TB/s")
+    deadline = time.perf_counter() + args.budget_s
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     report = {
         "benchmark": "bench_kernels",
-        "hardware": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "hardware": name,
         "sm_count": torch.cuda.get_device_properties(device).multi_processor_count if cuda else None,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
         "versions": {"torch": torch.__version__, "triton": _triton_version(), "cuda": torch.version.cuda},
         "settings": {"dtype": str(dtype), "repeats": repeats, "rotate_bytes": ROTATE_BYTES,
                      "timing": "CUDA graph over rotated inputs, median of repeats" if cuda else "wall clock",
-                     "group_size": args.group_size, "smoke": args.smoke, "command": " ".join(sys.argv)},
-        "copy_TBps": copy_tbps,
+                     "ceiling_timing": "eager, CUDA events, median", "group_size": args.group_size,
+                     "smoke": args.smoke, "sweep": args.sweep, "command": " ".join(sys.argv)},
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    report["ceilings"] = ceilings(device, 10 if cuda else 1, copy_bytes)
+    copy_tbps = report["ceilings"]["copy_TBps"]
+    report["copy_TBps"] = copy_tbps
+    log(f"copy {copy_tbps:.2f} TB/s eager (graph-replayed {report['ceilings']['copy_graph_TBps']:.2f}), "
+        f"read-only {report['ceilings'].get('read_TBps', float('nan')):.2f} TB/s")
+    save()
     if args.only in ("quant", "all"):
-        print("weight-only matmul (us per call; speedup vs cuBLAS bf16 in the same run)")
-        report["quant_matmul"] = bench_quant(device, dtype, ms_list, shapes, args.group_size, repeats, args.sweep)
+        log("weight-only matmul (us per call; speedup vs cuBLAS bf16 in the same run)")
+        quant_deadline = deadline - (0.3 * args.budget_s if args.only == "all" else 0)
+        report["quant_matmul"] = []
+        tuned = bench_quant(device, dtype, ms_list, shapes, args.group_size, repeats, args.sweep, quant_deadline,
+                            report["quant_matmul"], save)
+        if args.sweep:
+            path = Path(args.tuned_out) if args.tuned_out else out.with_name("quant_tuned.json")
+            write_tuned(tuned, path, name, report["commit"])
+            report["quant_tuned_path"] = str(path)
+            log(f"wrote {len(tuned)} tuned entries to {path} and {path.with_suffix('.py')}")
+        save()
     if args.only in ("attention", "all"):
         hq, hkv, d, page = heads
-        print(f"paged decode attention, {hq} q heads / {hkv} kv heads / head dim {d}, page {page}")
-        report["decode_attention"] = bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats,
-                                                  copy_tbps)
+        log(f"paged decode attention, {hq} q heads / {hkv} kv heads / head dim {d}, page {page}")
         report["settings"].update({"q_heads": hq, "kv_heads": hkv, "head_dim": d, "page_size": page})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        report["decode_attention"] = []
+        bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, copy_tbps, args.sweep, deadline,
+                     report["decode_attention"], save)
+        save()
+    log(f"wrote {out}")
+    summary(report)
     return 0
 
 

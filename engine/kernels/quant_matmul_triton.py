@@ -4,15 +4,16 @@ Two kernel families, chosen per call by tile_config() (quant_tuning.py):
   - "gemv" (quant_gemv_triton.py): FMA on CUDA cores, for M <= 4, where each weight byte is used
     only a few times and the work is streaming the weights with few instructions per byte;
   - "dot" (here): a program owns a BLOCK_M x BLOCK_N output tile, turns codes into activation
-    dtype values in registers and feeds the tensor cores (tl.dot). int4 group scales are applied
-    once per group after the group's dot, and code offsets are folded in with the row sums of x:
-        sum_k x_k (c_k - 8) s = s * (dot(x, MAGIC + c) - (MAGIC + 8) * sum_k x_k),
-    where MAGIC + c is built by bit operations (see _codes_as).
+    dtype values in registers and feeds the tensor cores (tl.dot). int4 codes become MAGIC + c
+    by bit operations, two per 32-bit operation (see _nibble_pair), and c - 8 by one exact
+    packed subtraction; group scales are applied once per group after the group's dot.
 Both split K across programs when the output tiles alone cannot fill the GPU; the partials are
 reduced in the same launch (quant_split_triton.py), so a call is one kernel launch.
 From DEQUANT_MIN_M rows on, the weight is dequantized once and cuBLAS does the matmul.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,7 @@ def _int4_dot_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    X_PERMUTED: tl.constexpr,
 ):
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per row per group
     pid_n = tl.program_id(0)
@@ -103,17 +105,23 @@ def _int4_dot_kernel(
     w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_wn + wi[None, :]  # [BLOCK_N, WPG]
     # The dot runs over the group's columns in the order the words unpack into (see
     # _unpack_words): position k' = 8 w + 2 j + h holds nibble i = j + 4 h of word w, which is
-    # group column i * WPG + w; the activations are gathered to match.
+    # group column i * WPG + w; the activations are gathered to match (X_PERMUTED: the caller
+    # already stored x in that order, so the loads are contiguous).
     kp = tl.arange(0, GROUP)
-    col = (((kp % 8) // 2) + 4 * (kp % 2)) * WPG + kp // 8
+    if X_PERMUTED:
+        col = kp
+    else:
+        col = (((kp % 8) // 2) + 4 * (kp % 2)) * WPG + kp // 8
     x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + col[None, :]  # [BLOCK_M, GROUP]
     s_ptrs = s_ptr + n.to(tl.int64) * stride_sn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # The tile is accumulated transposed (out^T = W x^T): W is the matrix unit's A operand, the
+    # one Hopper's wgmma reads with the least shuffling, and M (<= 16 at decode) its narrow side.
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     first = pid_k * groups_per_split
     last = tl.minimum(first + groups_per_split, groups)
     # Scales feed no tl.dot, so the pipeliner would leave their latency exposed every group:
     # a two-slot register ring requests group g + 2 while group g is computed (weights too
-    # with PREFETCH = 2; with PREFETCH = 0 the weight loads are left to the pipeliner).
+    # with PREFETCH = 2; with PREFETCH = 0 the weight loads are issued where they are used).
     s_a = tl.load(s_ptrs + first, mask=n < tl.where(first < last, N, 0), other=0.0)
     s_b = tl.load(s_ptrs + first + 1, mask=n < tl.where(first + 1 < last, N, 0), other=0.0)
     if PREFETCH == 2:
@@ -131,10 +139,10 @@ def _int4_dot_kernel(
             wv = tl.load(w_ptrs + g * WPG, mask=n_ok[:, None], other=0)
         xg = tl.load(x_ptrs + g * GROUP, mask=m_ok[:, None], other=0.0)
         wq = tl.reshape(_unpack_words(wv, magic2, xg.dtype, MAGIC), (BLOCK_N, GROUP))  # k' order
-        d = tl.dot(xg, tl.trans(wq), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-        x_sum = tl.sum(xg.to(tl.float32), 1)
-        acc += (d - (MAGIC + 8.0) * x_sum[:, None]) * sv.to(tl.float32)[None, :]
-    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+        # MAGIC + c - (MAGIC + 8) = c - 8, exact in the 16-bit type (packed HADD2).
+        d = tl.dot(wq - (MAGIC + 8.0), tl.trans(xg), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        acc += d * sv.to(tl.float32)[:, None]
+    store_rows(tl.trans(acc), m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
                     stride_om, HAS_BIAS)
@@ -171,6 +179,17 @@ def _int8_dot_kernel(
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
                     stride_om, HAS_BIAS)
+
+
+PERMUTE_X_MIN_M = 32
+
+
+@functools.cache
+def _dot_order(k: int, group: int, device: torch.device) -> torch.Tensor:
+    """Column of x at each position of the int4 dot kernel's order (see _int4_dot_kernel)."""
+    kp = torch.arange(group)
+    col = (((kp % 8) // 2) + 4 * (kp % 2)) * (group // 8) + kp // 8
+    return (torch.arange(0, k, group)[:, None] + col[None, :]).reshape(-1).to(device)
 
 
 def _split(tiles: int, steps: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
@@ -241,13 +260,19 @@ def quant_matmul_triton(
     grid_mn = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m))
     if bits == 4:
         steps = k // group
+        # Many rows: gather x into the kernel's column order once (one small launch) instead of
+        # element by element in every program.
+        permute = m >= PERMUTE_X_MIN_M
+        if permute:
+            x2 = x2.index_select(1, _dot_order(k, group, x.device))
         split, per_split = _split(tiles, steps, cfg, x.device)
         part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
         locks = split_locks(x.device, tiles) if split > 1 else words
         _int4_dot_kernel[grid_mn + (split,)](
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split,
             _MAGIC2.get(x.dtype, 0), x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, MAGIC=_MAGIC.get(x.dtype, 0), SPLIT=split > 1, PREFETCH=cfg.prefetch, **common,
+            GROUP=group, MAGIC=_MAGIC.get(x.dtype, 0), SPLIT=split > 1, PREFETCH=cfg.prefetch,
+            X_PERMUTED=permute, **common,
         )
     else:
         block_k = cfg.block_k

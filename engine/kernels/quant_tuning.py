@@ -55,15 +55,18 @@ def m_bucket(m: int) -> int:
 
 
 def default_config(m: int, bits: int = 4) -> TileConfig:
-    """Heuristic launch shape, used where no measured entry applies."""
+    """Heuristic launch shape, used where no measured entry applies (shapes checked offline for
+    register spills with ptxas for sm_90)."""
     if m >= DEQUANT_MIN_M:
         return TileConfig(128, 128, 8, 3, kernel="dequant")
-    if m <= (2 if bits == 4 else 4):
-        return TileConfig(m_bucket(m), 128 if bits == 4 else 64, 4, 1, kernel="gemv")
+    if bits == 4 and m <= 2:  # two activation rows: 64 wide, or registers run out
+        return TileConfig(m, 128 if m == 1 else 64, 4, 1, kernel="gemv")
+    if bits == 8 and m <= 4:
+        return TileConfig(m_bucket(m), 64, 4, 1, kernel="gemv")
     if m <= 16:
-        return TileConfig(16, 64, 4, 3)
-    if m <= 64:
-        return TileConfig(64, 64, 4, 3)
+        return TileConfig(16, 128, 8, 3) if bits == 4 else TileConfig(16, 64, 4, 4)
+    if m <= 64 or bits == 4:
+        return TileConfig(64, 128, 8, 3) if bits == 4 else TileConfig(64, 64, 4, 3)
     return TileConfig(128, 128, 8, 3)
 
 
