@@ -156,11 +156,15 @@ def test_triton_gpu(bits, group, m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 3), ("dot", 4), ("dot", 16)])
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, 32)])
-@pytest.mark.parametrize("split,prefetch,block_n", [(None, 2, 128), (3, 0, 64), (1, 2, 32)])
+@pytest.mark.parametrize("kernel,m,bits,group,split,prefetch,block_n", [
+    ("gemv", 1, 4, 128, None, 2, 128), ("gemv", 1, 4, 128, 1, 0, 256), ("gemv", 3, 4, 32, 3, 2, 64),
+    ("gemv", 1, 8, None, 2, 2, 128), ("gemv", 4, 8, None, None, 0, 64),
+    ("dot", 1, 4, 128, None, 2, 128), ("dot", 4, 4, 64, 3, 0, 64), ("dot", 16, 4, 128, 1, 2, 256),
+    ("dot", 16, 4, 32, None, 2, 32), ("dot", 40, 4, 128, 2, 2, 128),
+    ("dot", 4, 8, None, None, 2, 128), ("dot", 16, 8, None, 2, 2, 64),
+])
 def test_kernel_variants_gpu(kernel, m, bits, group, split, prefetch, block_n):
-    """Every variant a benchmark sweep may select, at a real shape, repeated (counters reset)."""
+    """The variants a benchmark sweep may select, at a real shape, twice (split counters reset)."""
     require_backend("cuda")
     cfg = _config(m, kernel, split, prefetch, block_n)
     _triton_case("cuda", torch.bfloat16, bits, m, 3072, 4096, group, m != 1, cfg, calls=2)
