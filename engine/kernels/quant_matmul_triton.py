@@ -187,9 +187,9 @@ PERMUTE_X_MIN_M = 32
 @functools.cache
 def _dot_order(k: int, group: int, device: torch.device) -> torch.Tensor:
     """Column of x at each position of the int4 dot kernel's order (see _int4_dot_kernel)."""
-    kp = torch.arange(group)
+    kp = torch.arange(group, device=device)  # built on the device: no host copy inside a graph capture
     col = (((kp % 8) // 2) + 4 * (kp % 2)) * (group // 8) + kp // 8
-    return (torch.arange(0, k, group)[:, None] + col[None, :]).reshape(-1).to(device)
+    return (torch.arange(0, k, group, device=device)[:, None] + col[None, :]).reshape(-1)
 
 
 def _split(tiles: int, steps: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:

@@ -84,6 +84,10 @@ _REGISTERED: dict[str, TileConfig] = {}
 def register_tuned(entries: dict[str, TileConfig]) -> None:
     """Install measured winners for this process, ahead of every table (benchmark sweeps)."""
     _REGISTERED.update(entries)
+    _MEMO.clear()
+
+
+_MEMO: dict[tuple, TileConfig] = {}  # lookups are per call on the eager path: keep them O(1)
 
 
 @lru_cache(maxsize=None)
@@ -114,18 +118,26 @@ def _nearest(table: dict[str, TileConfig], bits: int, group: int | None, m: int,
 def tile_config(m: int, n: int | None = None, k: int | None = None, bits: int = 4,
                 group: int | None = None) -> TileConfig:
     """The launch shape for an [m, k] x [k, n] call (measured winner, else heuristic)."""
-    if m >= DEQUANT_MIN_M:
+    if m >= DEQUANT_MIN_M or n is None or k is None:
         return default_config(m, bits)
-    if n is not None and k is not None:
-        tables = _tables(os.environ.get("EMBER_QUANT_TUNING") or None)
-        for table in tables:
-            cfg = table.get(_key(bits, group, m, k, n))
-            if cfg is not None:
-                return cfg
-        for table in tables:
-            cfg = _nearest(table, bits, group, m, k, n)
-            if cfg is not None:
-                return cfg
+    env = os.environ.get("EMBER_QUANT_TUNING") or None
+    memo_key = (m_bucket(m) if m > 1 else m, n, k, bits, group, env)
+    cfg = _MEMO.get(memo_key)
+    if cfg is None:
+        cfg = _MEMO[memo_key] = _lookup(m, n, k, bits, group, env)
+    return cfg
+
+
+def _lookup(m: int, n: int, k: int, bits: int, group: int | None, env: str | None) -> TileConfig:
+    tables = _tables(env)
+    for table in tables:
+        cfg = table.get(_key(bits, group, m, k, n))
+        if cfg is not None:
+            return cfg
+    for table in tables:
+        cfg = _nearest(table, bits, group, m, k, n)
+        if cfg is not None:
+            return cfg
     return default_config(m, bits)
 
 
