@@ -257,9 +257,13 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline,
                     for r in trials:
                         r.pop("_cfg", None)
                 cfg = tile_config(m, n, k, bits, g)
-                t = time_per_op([lambda qs=qs: quant_matmul_triton(x, qs[0], qs[1], None, bits) for qs in q_c[bits]],
-                                repeats)
                 row[f"{name}_config"] = cfg.to_dict()
+                try:
+                    t = time_per_op([lambda qs=qs: quant_matmul_triton(x, qs[0], qs[1], None, bits)
+                                     for qs in q_c[bits]], repeats)
+                except Exception as exc:  # keep the run going; the row says what failed
+                    row[f"{name}_error"] = str(exc).splitlines()[0][:200]
+                    t = float("nan")
                 row[f"{name}_ms"] = t
                 row[f"{name}_TBps"] = (sets[name][0] + io) / t / 1e9
                 row[f"{name}_speedup_vs_bf16"] = row["bf16_cublas_ms"] / t
