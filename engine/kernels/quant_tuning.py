@@ -59,10 +59,12 @@ def default_config(m: int, bits: int = 4) -> TileConfig:
     register spills with ptxas for sm_90)."""
     if m >= DEQUANT_MIN_M:
         return TileConfig(128, 128, 8, 3, kernel="dequant")
-    if bits == 4 and m <= 2:  # two activation rows: 64 wide, or registers run out
-        return TileConfig(m, 128 if m == 1 else 64, 4, 1, kernel="gemv")
-    if bits == 8 and m <= 4:
-        return TileConfig(m_bucket(m), 64, 4, 1, kernel="gemv")
+    # The CUDA-core GEMV pays 1 FFMA a code per activation row: from 2 rows (int4) or 4 (int8) on,
+    # the tensor-core kernel needs fewer instructions a byte (sass_report.py: int4 M=2 14.6 vs 6.5).
+    if bits == 4 and m == 1:
+        return TileConfig(1, 128, 4, 1, kernel="gemv")
+    if bits == 8 and m <= 2:
+        return TileConfig(m, 64, 4, 1, kernel="gemv")
     if m <= 16:
         return TileConfig(16, 128, 8, 3) if bits == 4 else TileConfig(16, 64, 4, 4)
     if m <= 64 or bits == 4:
