@@ -121,6 +121,35 @@ def render_kernels(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_train(d: dict) -> str:
+    return "\n".join([
+        f"Run {d['date']}, commit `{d.get('commit') or '?'}`, {d['gpu']}, torch {d['torch']}. Command: "
+        f"`python benchmarks/bench_train.py --config {d['config']}`", "",
+        "| config | parameters | seq x micro-batch | compile | tokens/s | achieved TFLOP/s | MFU (datasheet 989.5) "
+        "| vs bf16 matmul measured in the same run | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {d['config']} | {d['params'] / 1e6:,.0f}M | {d['seq_len']} x {d['micro_batch']} | {d['compile']} | "
+        f"**{d['tokens_per_s']:,.0f}** | {d['achieved_tflops']:.0f} | {d['mfu_vs_datasheet'] * 100:.0f}% | "
+        f"{d['ratio_vs_measured_matmul'] * 100:.0f}% of {d['matmul_tflops_measured']:.0f} | {d['max_memory_gib']:.1f} |"])
+
+
+def render_multi_lora(d: dict) -> str:
+    s = d["settings"]
+    lines = [f"Run {d['date']}, commit `{d.get('commit') or '?'}`, {d['hardware']['gpu']}, torch "
+             f"{d['hardware']['torch']}. Command: `python benchmarks/bench_multi_lora.py --shape {s['shape']}`", "",
+             f"Random {s['shape']} shape, {s['dtype'].replace('torch.', '')}, batch {s['batch']}, prompt {s['prompt_len']}, "
+             f"{s['output_len']} tokens out, rank {s['rank']} adapters on all seven projections; medians of "
+             f"{s['repeats']} runs. Loading one adapter took {d['adapter_load_seconds_each'] * 1e3:.0f} ms.", "",
+             "| configuration | distinct adapters | output tokens/s | decode step ms | vs base (LoRA off) |",
+             "|---|---|---|---|---|"]
+    base = d["results"][0]["median"]["output_tokens_per_s"]
+    for r in d["results"]:
+        m = r["median"]
+        lines.append(f"| {r['name']} | {r['distinct_adapters']} | {m['output_tokens_per_s']:,.0f} | "
+                     f"{m['decode_step_ms_median']:.2f} | {m['output_tokens_per_s'] / base:.2f}x |")
+    return "\n".join(lines)
+
+
 def newest(results: Path) -> dict[str, dict]:
     """The newest JSON of each benchmark kind in `results`."""
     found: dict[str, dict] = {}
@@ -136,7 +165,8 @@ def newest(results: Path) -> dict[str, dict]:
 
 
 def render(doc: str, docs: dict[str, dict]) -> str:
-    blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels}
+    blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
+              "train_step": render_train, "multi_lora": render_multi_lora}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)
