@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# The bundled model, with its Shakespeare-style adapter selectable as "model": "shakespeare".
 serve: $(STAMP)
-	$(VENV)/bin/ember serve
+	$(VENV)/bin/ember serve --enable-lora --lora-root models --lora shakespeare=ember-stories-shakespeare
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu and not slow" --timeout 600
