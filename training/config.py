@@ -274,7 +274,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        value = _parse_value(text)
+        value = parse_value(text)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -286,7 +286,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return out
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A YAML scalar or list; numbers YAML 1.1 leaves as strings (`1e-3`) become floats."""
     if not text.strip():
         return None

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 import yaml
 
 from engine.lora import DEFAULT_TARGETS, LoraConfig
-from training.config import CheckpointSection, ConfigError, OptimSection, ScheduleSection, TrainSection, _build
+from training.config import (CheckpointSection, ConfigError, OptimSection, ScheduleSection, TrainSection, _build,
+                             parse_value)
 from training.sft_data import FORMATS
 
 METHODS = ("lora", "dora", "qlora", "full")
@@ -237,17 +238,6 @@ def load_finetune_config(path: str | Path | None, overrides: Iterable[str] = (),
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), parse_value(text))
     return FinetuneConfig.from_dict(raw, source=source)
-
-
-def parse_value(text: str) -> Any:
-    """A YAML scalar or list; numbers YAML 1.1 leaves as strings (`1e-3`) become floats."""
-    value = yaml.safe_load(text) if text.strip() else None
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
