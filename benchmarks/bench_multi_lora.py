@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -32,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_throughput import SHAPES, git_commit, hardware  # noqa: E402
+from bench_throughput import SHAPES, hardware  # noqa: E402
 from engine.adapter_testing import write_random_adapter  # noqa: E402
 from engine.adapters import AdapterServingConfig  # noqa: E402
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.model import Transformer  # noqa: E402
+from run_info import git_commit, write_json  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {**SHAPES, "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**vars(args), "dtype": str(dtype), "kv_cache_tokens": kv_tokens},
         "adapter_load_seconds_each": load_s, "results": results}
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_json(args.json_out, report)
     return 0
 
 
