@@ -239,7 +239,10 @@ class Engine:
         reqs = [self.scheduler.requests[rid] for rid in ids]
         batch = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.stop_ids,
                              self.generators.get(r.request_id)) for r in reqs]
-        output = self.sampler(model_out.logits[rows], batch) if rows else None
+        logits = model_out.logits
+        if rows != list(range(logits.shape[0])):  # decode steps sample every row in order: no gather
+            logits = logits[rows]
+        output = self.sampler(logits, batch) if rows else None
         scored = []
         for rid, (row0, start, count) in model_out.prompt_rows.items():
             req = self.scheduler.requests[rid]

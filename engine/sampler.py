@@ -58,20 +58,30 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """logits float32 [M, V], one row per entry of rows -> one token id per row (+ logprobs)."""
         raw = logits
-        logits = logits.clone()
-        self._mask_stop_tokens(logits, rows)
-        self._add_logit_bias(logits, rows)
-        if any(r.params.needs_penalties for r in rows):
-            self._apply_penalties(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        # The processors below edit in place; most steps need none, and then the raw logits serve
+        # (no copy). Decisions are made from host data, so a greedy step syncs with the GPU once.
+        if self._edits_logits(rows):
+            logits = logits.clone()
+            self._mask_stop_tokens(logits, rows)
+            self._add_logit_bias(logits, rows)
+            if any(r.params.needs_penalties for r in rows):
+                self._apply_penalties(logits, rows)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        greedy = [r.params.greedy for r in rows]
+        if not all(greedy):
             sampled = self._sample(logits, rows)
-            tokens = torch.where(greedy, tokens, sampled)
+            tokens = sampled if not any(greedy) else torch.where(
+                torch.tensor(greedy, device=logits.device), tokens, sampled)
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=self._logprobs(raw, token_list, rows))
 
     # -- logits processors ----------------------------------------------------------------------
+    @staticmethod
+    def _edits_logits(rows: list[SamplingRow]) -> bool:
+        """Whether any in-place processor (min_tokens mask, logit_bias, penalties) applies this step."""
+        return any((r.stop_ids and len(r.output_ids) < r.params.min_tokens) or r.params.logit_bias
+                   or r.params.needs_penalties for r in rows)
+
     @staticmethod
     def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         pairs = [(i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 
-def card(run: Path, base_ppl: dict, adapter_ppl: dict, name: str) -> str:
+def card(run: Path, base_ppl: dict, adapter_ppl: dict, name: str, built: str) -> str:
+    """The card's Markdown; `built` says where and when it was trained (`build_host.built_on`)."""
     summary = json.loads((run / "finetune_summary.json").read_text())
     cfg = yaml.safe_load((run / "finetune_config.yaml").read_text())
     adapter = json.loads((run / "adapter_config.json").read_text())
@@ -49,7 +50,7 @@ The adapter lowers held-out perplexity by **{drop:.1%}** ({base_ppl['windows']} 
 {summary['steps']} steps, {cfg['data']['micro_batch_size']} x {cfg['data']['seq_len']} tokens a step, AdamW lr
 {cfg['optim']['lr']:g} with {cfg['schedule']['warmup_steps']} warm-up steps and {cfg['schedule']['decay']} decay,
 precision `{cfg['train']['precision']}`; {summary['trainable_params']:,} trainable parameters of
-{summary['total_params']:,}. Final training loss {summary['final_train_loss']:.4f}.
+{summary['total_params']:,}. Final training loss {summary['final_train_loss']:.4f}. Trained on {built}.
 Reproduce: `scripts/train_shakespeare_adapter.sh` (config: `configs/finetune/shakespeare-lora.yaml`).
 
 ## Use
@@ -69,9 +70,14 @@ def main() -> None:
     p.add_argument("--adapter-ppl", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--name", default="ember-stories-shakespeare")
+    p.add_argument("--hardware", help='what trained it, e.g. "one NVIDIA H200" (default: this machine)')
     args = p.parse_args()
+    from build_host import built_on  # beside this script; imports torch to look for a GPU
+
+    cfg = yaml.safe_load((args.run / "finetune_config.yaml").read_text())
+    built = built_on(cfg.get("train", {}).get("device", "auto"), args.hardware)
     text = card(args.run, json.loads(args.base_ppl.read_text()), json.loads(args.adapter_ppl.read_text()),
-                args.name)
+                args.name, built)
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}")
 

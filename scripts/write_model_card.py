@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="the run's out_dir (holds final/, metrics.jsonl, eval_ppl.json)")
     ap.add_argument("--out", required=True, help="README.md to write")
+    ap.add_argument("--hardware", help='what trained it, e.g. "one NVIDIA H200" (default: this machine)')
     args = ap.parse_args()
     run = Path(args.run)
     cfg = yaml.safe_load((run / "final" / "train_config.yaml").read_text())
@@ -50,6 +51,7 @@ def main() -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ppl = json.loads((run / "eval_ppl.json").read_text())
     manifest = json.loads((Path(cfg["data"]["train"]) / "manifest.json").read_text())
+    from build_host import built_on
     from engine.config import ModelConfig
 
     n_params = ModelConfig.from_hf_dict(hf).num_parameters()
@@ -85,6 +87,7 @@ def main() -> None:
         f"| validation perplexity | **{ppl['perplexity']:.2f}** per token ({ppl['loss']:.4f} nats, "
         f"{ppl['bits_per_byte']:.3f} bits/byte) on `valid_sample_cased.txt` (held-out TinyStories validation "
         f"text, {ppl['tokens']:,} tokens, window {ppl['seq_len']}, stride {ppl['stride']}) |",
+        f"| trained on | {built_on(cfg['train'].get('device', 'auto'), args.hardware)} |",
     ]
     if val_loss is not None:
         lines.append(f"| last in-training validation loss | {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}, "
