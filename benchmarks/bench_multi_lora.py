@@ -2,13 +2,18 @@
 against the base model alone, measured in the same run.
 
     python benchmarks/bench_multi_lora.py --device cuda --shape llama-1b     # the H200 figures
+    python benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --adapter-counts 1,8
     python benchmarks/bench_multi_lora.py                                     # a tiny smoke run on the CPU
 
 Random-weight model and random rank-16 adapters (written to a temporary LoRA root and loaded through
 the registry, as the server does). Every configuration queues the same `--batch` requests
 (prompt `--prompt-len`, output `--output-len`, ignore_eos) at once and steps the engine to the end.
 Reported per configuration, median over `--repeats`: output tokens/s for the whole run, and the
-decode-phase tokens/s (steps where every sequence computes one token).
+decode-phase tokens/s (steps where every sequence computes one token), the decode step's median wall
+time (`decode_step_ms_median`: host preparation, graph replay and the wait for the GPU), the host
+time of each phase of Engine.step() averaged over all steps (`phase_ms_per_step`, bench_decode's
+StepTimer), and on CUDA the GPU time of the last decode step's graph alone (`gpu_step_ms`: replayed
+on its inputs, CUDA events), so that step time splits into GPU and host.
 
 Two baselines: "base, LoRA off" is an engine without adapter support (its fastest path), and
 "base, LoRA on" is the adapter-enabled engine serving requests without an adapter (what enabling
@@ -31,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from bench_decode import StepTimer as PhaseTimer  # noqa: E402
 from bench_throughput import SHAPES, hardware  # noqa: E402
+from random_models import random_model  # noqa: E402
 from engine.adapter_testing import write_random_adapter  # noqa: E402
 from engine.adapters import AdapterServingConfig  # noqa: E402
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
@@ -40,11 +47,14 @@ from engine.model import Transformer  # noqa: E402
 from run_info import git_commit, write_json  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
-SHAPES = {**SHAPES, "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)}
+SHAPES = {**SHAPES, "llama-8b": None,  # built by random_models
+          "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)}
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype, seed: int) -> Transformer:
+    if shape == "llama-8b":  # built in place on the device (the default init would take 32 GB of fp32)
+        return random_model("8b", dtype, device, seed).eval()
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(ModelConfig(**SHAPES[shape]))  # torch's default init: fine for timing
@@ -52,7 +62,8 @@ def build_model(shape: str, device: str, dtype: torch.dtype, seed: int) -> Trans
 
 
 class StepTimer:
-    """Wraps the runner's execute to time every step and note whether it was a pure decode step."""
+    """Wraps the runner's execute to time every step (waiting for its GPU work) and note whether it was a
+    pure decode step."""
 
     def __init__(self, engine: Engine):
         self.records: list[tuple[float, int, bool]] = []  # (seconds, sequences, decode-only)
@@ -66,6 +77,39 @@ class StepTimer:
         decode = all(len(s.token_ids) == 1 for s in plan.seqs)
         self.records.append((time.perf_counter() - start, len(plan.seqs), decode))
         return out
+
+
+class LastGraph:
+    """Remembers the last decode step's captured graph, to time its replay alone afterwards."""
+
+    def __init__(self, engine: Engine):
+        self.graphs = engine.runner.graphs
+        self.graph = None
+        if self.graphs is not None:
+            replay = self.graphs.replay
+
+            def remembering(inp):
+                self.graph = self.graphs.graph_for(inp)
+                return replay(inp)
+
+            self.graphs.replay = remembering
+
+    def replay_ms(self, iters: int = 100) -> float | None:
+        """Median GPU milliseconds of one replay (CUDA events over batches of replays); None without graphs."""
+        if self.graph is None:
+            return None
+        for _ in range(5):
+            self.graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(5):
+            start.record()
+            for _ in range(iters // 5):
+                self.graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / (iters // 5))
+        return statistics.median(samples)
 
 
 def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag: str) -> dict:
@@ -90,12 +134,22 @@ def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag:
             "steps": len(timer.records)}
 
 
-def measure(engine: Engine, adapters: list[str | None], args, name: str) -> dict:
-    timer = StepTimer(engine)
+class Probes:
+    """The timers of one engine, installed once (wrapping again per configuration would nest them)."""
+
+    def __init__(self, engine: Engine):
+        self.steps, self.phases, self.last = StepTimer(engine), PhaseTimer(engine), LastGraph(engine)
+
+
+def measure(engine: Engine, probes: Probes, adapters: list[str | None], args, name: str) -> dict:
+    timer, phases, last = probes.steps, probes.phases, probes.last
     run(engine, timer, adapters, args, f"{name}-warmup")
+    phases.totals = dict.fromkeys(phases.totals, 0.0)
+    last.graph = None
     runs = [run(engine, timer, adapters, args, f"{name}-{r}") for r in range(args.repeats)]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return {"name": name, "distinct_adapters": len([a for a in adapters if a]), "median": median, "runs": runs}
+    return {"name": name, "distinct_adapters": len([a for a in adapters if a]), "median": median, "runs": runs,
+            "phase_ms_per_step": phases.per_step_ms(sum(r["steps"] for r in runs)), "gpu_step_ms": last.replay_ms()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(EngineConfig(**engine_config), model=build_model(args.shape, args.device, dtype, args.seed),
                     tokenizer=None)
-    results.append(measure(engine, [None], args, "base, LoRA off"))
+    results.append(measure(engine, Probes(engine), [None], args, "base, LoRA off"))
+    capture_s = {"LoRA off": engine.runner.cuda_graph_capture_s}
     del engine
     gc.collect()
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
@@ -142,25 +197,35 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             engine.adapters.load(name, name)
         load_s = (time.perf_counter() - load_start) / len(names)
-        results.append(measure(engine, [None], args, "base, LoRA on"))
+        capture_s["LoRA on"] = engine.runner.cuda_graph_capture_s
+        graphs = engine.runner.graphs
+        adapter_graphs = len(graphs.adapter_graphs) if graphs is not None else 0
+        probes = Probes(engine)
+        results.append(measure(engine, probes, [None], args, "base, LoRA on"))
         for n in counts:
-            results.append(measure(engine, names[:n], args, f"{n} adapters"))
+            results.append(measure(engine, probes, names[:n], args, f"{n} adapters"))
         evictions = engine.adapters.evictions
 
     ref = results[0]["median"]
-    print(f"{'configuration':<18}{'out tok/s':>12}{'decode tok/s':>14}{'decode step ms':>16}{'vs base':>10}")
+    print(f"{'configuration':<18}{'out tok/s':>12}{'decode tok/s':>14}{'decode step ms':>16}{'GPU ms':>8}"
+          f"{'vs base':>9}  host ms per step (all steps)")
     for r in results:
         m = r["median"]
         r["ratio_vs_base"] = m["output_tokens_per_s"] / ref["output_tokens_per_s"]
         r["decode_ratio_vs_base"] = m["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        gpu = f"{r['gpu_step_ms']:.3f}" if r["gpu_step_ms"] is not None else "-"
+        phases = " ".join(f"{k.strip('_')} {v:.3f}" for k, v in r["phase_ms_per_step"].items())
         print(f"{r['name']:<18}{m['output_tokens_per_s']:>12.1f}{m['decode_tokens_per_s']:>14.1f}"
-              f"{m['decode_step_ms_median']:>16.2f}{r['decode_ratio_vs_base']:>10.3f}")
+              f"{m['decode_step_ms_median']:>16.2f}{gpu:>8}{r['decode_ratio_vs_base']:>9.3f}  {phases}")
     print(f"adapter load {1e3 * load_s:.1f} ms each (files written in {write_s:.1f} s); slot evictions {evictions}")
+    print(f"CUDA-graph capture: {capture_s['LoRA off']:.1f} s without adapters, {capture_s['LoRA on']:.1f} s with "
+          f"({adapter_graphs} adapter graphs)")
 
     report = {"benchmark": "multi_lora", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "commit": git_commit(), "hardware": hardware(),
         "settings": {**vars(args), "dtype": str(dtype), "kv_cache_tokens": kv_tokens},
-        "adapter_load_seconds_each": load_s, "results": results}
+        "adapter_load_seconds_each": load_s, "graph_capture_seconds": capture_s, "adapter_graphs": adapter_graphs,
+        "results": results}
     if args.json_out:
         write_json(args.json_out, report)
     return 0

@@ -8,6 +8,7 @@ it); no driver or GPU. Run it with the Triton version the GPU machine uses (3.6 
 
     python benchmarks/sass_report.py                 # every case
     python benchmarks/sass_report.py int4_gemv_m1    # cases whose name contains this
+    python benchmarks/sass_report.py lora_           # the batched-LoRA shrink and expand kernels
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ PTRS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", bias_ptr="*bf16", out_pt
 # Integer arguments the launcher passes as multiples of 16 (Triton specializes on that).
 DIV16 = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr",
          "block_tables_ptr", "part_out_ptr", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om",
-         "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch", "split_len")
+         "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch", "split_len",
+         "a_ptr", "b_ptr", "y_ptr", "stride_as", "stride_ar", "stride_ps", "stride_pm", "stride_bs", "stride_bn",
+         "stride_ym", "stride_gs")
 
 
 def _cases():
     from engine.kernels.paged_decode_triton import _decode_kernel
     from engine.kernels.quant_gemv_triton import _gemv_kernel
     from engine.kernels.quant_matmul_triton import _int4_dot_kernel, _int8_dot_kernel
+    from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
 
     def gemv(bits, words, bm, bn, warps):
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
@@ -59,7 +63,21 @@ def _cases():
         return (_decode_kernel.fn, dec_ptrs, dict(GROUP=4, G_PAD=16, HEAD_DIM=128, D_PAD=128, PAGE=16, SPLIT=True,
                                                   PREC="tf32", BLOCK_N=bn), warps, stages, bn * 128 * 2 * 2)
 
+    lora_ptrs = dict(x_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", scale_ptr="*fp32",
+                     rescale_ptr="*fp32", rows_ptr="*i32", cslot_ptr="*i32", cstart_ptr="*i32", clen_ptr="*i32")
+
+    def shrink(bm, br):  # loop bytes: the A tile (the adapter weight) per K step
+        return (_shrink_kernel, lora_ptrs, dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=128, PREC="tf32"), 4, 3, br * 128 * 2)
+
+    def expand(bm, bn, slices, warps):  # no loop: registers and spills are what to read
+        return (_expand_kernel, lora_ptrs, dict(HAS_RESCALE=True, SPLITS=8, NUM_SLICES=slices, BLOCK_M=bm, BLOCK_N=bn,
+                                                BLOCK_R=16, PREC="tf32"), warps, 3, bn * 16 * 2)
+
     return {
+        "lora_shrink_m16_r16": shrink(16, 16), "lora_shrink_m16_r64": shrink(16, 64),
+        "lora_shrink_m64_r64": shrink(64, 64),
+        "lora_expand_m16_n128_s1_w4": expand(16, 128, 1, 4), "lora_expand_m16_n128_s3_w4": expand(16, 128, 3, 4),
+        "lora_expand_m16_n256_s2_w4": expand(16, 256, 2, 4), "lora_expand_m64_n128_s3_w8": expand(64, 128, 3, 8),
         "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
         "int4_gemv_m4_n64_w4": gemv(4, 16, 4, 64, 4), "int8_gemv_m1_n64_w4": gemv(8, 32, 1, 64, 4),
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),

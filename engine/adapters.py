@@ -35,7 +35,7 @@ from torch import nn
 from engine.adapter_io import AdapterError, read_adapter
 from engine.adapter_paths import AdapterNotFoundError, resolve_adapter_path
 from engine.errors import InvalidRequestError
-from engine.kernels.lora_batched import StaticSegments, build_segments
+from engine.kernels.lora_batched import StaticSegments, build_segments, chunk_buckets
 from engine.lora import DEFAULT_TARGETS, lora_scaling
 from engine.lora_serving import LoraBatch, LoraStepContext, ServingLoraLinear, inject_serving_lora
 
@@ -345,15 +345,21 @@ class AdapterRegistry:
         """Allocate the static segment buffers decode graphs capture (one token per sequence)."""
         self._static = StaticSegments(max_batch, self.config.max_loras, self.device)
 
-    def graph_batch(self, batch_size: int) -> LoraBatch:
-        """The LoraBatch a decode graph of `batch_size` rows is captured with. The DoRA form is always
-        used (LoRA slots have a factor of 1), so one graph serves every mix of adapters."""
-        return LoraBatch(self._static.view(batch_size), has_dora=True)
+    def graph_chunk_sizes(self, batch_size: int) -> list[int]:
+        """Chunk grids to capture a `batch_size`-row decode graph at (see `chunk_buckets`)."""
+        return chunk_buckets(batch_size, self.config.max_loras)
 
-    def prepare_graph_step(self, adapters: Sequence[tuple | None], batch_size: int) -> None:
-        """Make a decode step's adapters resident and write its grouping into the graphs' buffers."""
+    def graph_batch(self, batch_size: int, chunks: int | None = None) -> LoraBatch:
+        """The LoraBatch a decode graph of `batch_size` rows and a grid of `chunks` chunks (default: the most
+        that many rows can form) is captured with. The DoRA form is always used (LoRA slots have a factor
+        of 1), so one graph serves every mix of adapters."""
+        return LoraBatch(self._static.view(batch_size, chunks), has_dora=True)
+
+    def prepare_graph_step(self, adapters: Sequence[tuple | None], batch_size: int) -> int:
+        """Make a decode step's adapters resident and write its grouping into the graphs' buffers; returns
+        the step's chunk count (the smallest captured grid holding it runs the step)."""
         slot_of, _ = self._assign_slots(adapters)
-        self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
+        return self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
 
     def _make_resident(self, version: _Version, protected: set) -> None:
         slot = next((i for i, v in enumerate(self._slots) if v is None), None)

@@ -11,7 +11,15 @@ ids, positions, slots and context lengths into one pinned array and the block ta
 second, and copies both to the device (two transfers, no other launches before the replay).
 Logits come out of the graph as float32 rows of one buffer shared by all buckets; sampling runs
 outside it. Prefill and mixed steps run eagerly. Capture takes a warm-up forward and a capture
-forward per bucket (longer the first time Triton compiles): see docs/performance.md.
+forward per graph (longer the first time Triton compiles): see docs/performance.md.
+
+With adapters, each bucket also gets adapter graphs running the batched-LoRA kernels, one per
+chunk-grid size (4, 8, 16, ... up to the most chunks the bucket's rows can form over the slots:
+`chunk_buckets`); a step replays the smallest that holds its real chunks, so a step with one
+adapter launches a grid for 4 chunks, not 36. That is about log2 of the bucket's chunk capacity in
+adapter graphs per bucket: 26 for the defaults (64 sequences, 8 slots) and 36 for 32 slots, against
+11 plain ones. Capture time grows in proportion (each graph is a warm-up and a capture forward);
+graph memory hardly, as every graph shares one memory pool and only one runs at a time.
 """
 from __future__ import annotations
 
@@ -107,9 +115,12 @@ class DecodeGraphs:
         self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.adapter_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # the same with the batched-LoRA kernels
+        # The same with the batched-LoRA kernels, by (batch size, chunk-grid size).
+        self.adapter_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.chunk_sizes: dict[int, list[int]] = {}  # chunk grids captured per batch size
         if adapters is not None:
             adapters.enable_graphs(self.max_batch)
+            self.chunk_sizes = {bs: adapters.graph_chunk_sizes(bs) for bs in self.sizes}
         self.capture_seconds = 0.0
 
     # -- capture --------------------------------------------------------------------------------
@@ -118,14 +129,15 @@ class DecodeGraphs:
                                       context_lens=self.vec[CONTEXT_LENS, :bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
                                       max_seqlen_q=1, max_context_len=None)
 
-    def _forward(self, bs: int, with_adapters: bool = False) -> None:
-        """The captured computation: decode forward of the first bs static rows into self.logits[:bs] (float32)."""
+    def _forward(self, bs: int, chunks: int | None = None) -> None:
+        """The captured computation: decode forward of the first bs static rows into self.logits[:bs] (float32);
+        with the batched-LoRA kernels over a grid of `chunks` chunks unless that is None."""
         positions = self.vec[POSITIONS, :bs]
         attn = FusedRopePagedAttention(self.kv_cache, self._metadata(bs), self.head_dim, self.cos_sin_cache,
                                        positions)
         lora = contextlib.nullcontext()
-        if with_adapters:
-            lora = self.adapters.context.use(self.adapters.graph_batch(bs))
+        if chunks is not None:
+            lora = self.adapters.context.use(self.adapters.graph_batch(bs, chunks))
         with lora:
             hidden = self.model.hidden_states(self.vec[IDS, :bs].view(1, bs), positions.view(1, bs), attn=attn)
         self.logits[:bs].copy_(self.model.compute_logits(hidden[0]))
@@ -139,22 +151,25 @@ class DecodeGraphs:
         self.vec[CONTEXT_LENS] = ctx
         self.tables.copy_(torch.arange(self.max_blocks, dtype=torch.int32).remainder(self.kv_cache.num_blocks))
         pool = None
-        # With adapters, a second graph per size runs the batched-LoRA kernels; steps without adapter
-        # tokens replay the plain one.
-        for bs, with_adapters in [(bs, v) for bs in reversed(self.sizes)
-                                  for v in ((False, True) if self.adapters is not None else (False,))]:
-            self._forward(bs, with_adapters)  # compiles and autotunes the kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs, with_adapters)
-            pool = graph.pool()
-            (self.adapter_graphs if with_adapters else self.graphs)[bs] = graph
+        # With adapters, more graphs per size run the batched-LoRA kernels (one per chunk grid, largest
+        # first); steps without adapter tokens replay the plain one.
+        for bs in reversed(self.sizes):
+            for chunks in [None] + sorted(self.chunk_sizes.get(bs, ()), reverse=True):
+                self._forward(bs, chunks)  # compiles and autotunes the kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward(bs, chunks)
+                pool = graph.pool()
+                if chunks is None:
+                    self.graphs[bs] = graph
+                else:
+                    self.adapter_graphs[(bs, chunks)] = graph
         self.vec[CONTEXT_LENS] = 0
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s", len(self.sizes), self.max_batch,
-                    self.capture_seconds)
+        logger.info("CUDA graphs: captured %d decode batch sizes (1..%d), %d adapter graphs, in %.1f s",
+                    len(self.sizes), self.max_batch, len(self.adapter_graphs), self.capture_seconds)
         return self.capture_seconds
 
     # -- per step -------------------------------------------------------------------------------
@@ -172,8 +187,9 @@ class DecodeGraphs:
         self.copied.record()
         lora = None
         if self.adapters is not None and any(s.adapter is not None for s in plan.seqs):
-            self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)  # into the buffers the graph reads
-            lora = self.adapters.graph_batch(bs)
+            # Into the buffers the graphs read; the smallest chunk grid holding the step's chunks runs it.
+            chunks = self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)
+            lora = self.adapters.graph_batch(bs, bucket_for(chunks, self.chunk_sizes[bs]))
         return ModelInput(
             input_ids=self.vec[IDS, :n].view(1, n),
             positions=self.vec[POSITIONS, :n].view(1, n),
@@ -187,5 +203,11 @@ class DecodeGraphs:
 
     def replay(self, inp: ModelInput) -> torch.Tensor:
         """Run the captured step; float32 logits [n, V], a view valid until the next replay."""
-        (self.graphs if inp.lora is None else self.adapter_graphs)[inp.graph_batch].replay()
+        self.graph_for(inp).replay()
         return self.logits[: inp.logits_indices.shape[0]]
+
+    def graph_for(self, inp: ModelInput) -> torch.cuda.CUDAGraph:
+        """The captured graph that runs a prepared step (its adapter grid is the LoraBatch's chunk count)."""
+        if inp.lora is None:
+            return self.graphs[inp.graph_batch]
+        return self.adapter_graphs[(inp.graph_batch, inp.lora.segments.num_chunks)]

@@ -67,6 +67,8 @@ class ServingLoraLinear(nn.Module):
         self.slice_paths = [path for path, _ in slices]
         self.slice_sizes = [size for _, size in slices]
         self.slice_offsets = [sum(self.slice_sizes[:i]) for i in range(len(slices))]
+        # The kernels read only B's diagonal blocks of a packed layer (the rest is zero).
+        self.kernel_slices = tuple(self.slice_offsets) if len(slices) > 1 else None
         if sum(self.slice_sizes) != self.out_features:
             raise ValueError(f"slices {slices} do not add up to the layer's {self.out_features} outputs")
         self.max_rank = max_rank
@@ -83,7 +85,7 @@ class ServingLoraLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [N, K]
         if not batch.has_dora:
             y = self.base_layer(flat)  # [N, out], bias included
-            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling)
+            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, slices=self.kernel_slices)
         else:
             # DoRA rescales W x + s B A x, not the bias: add the bias after the kernel.
             bias = getattr(self.base_layer, "bias", None)
@@ -92,7 +94,8 @@ class ServingLoraLinear(nn.Module):
             else:
                 y = self.base_layer(flat)
                 y = y - bias if bias is not None else y
-            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, self.rescale)
+            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, self.rescale,
+                     self.kernel_slices)
             if bias is not None:
                 y = y + bias
         return y.view(*x.shape[:-1], self.out_features)

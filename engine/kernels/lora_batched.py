@@ -104,12 +104,33 @@ def chunk_capacity(num_tokens: int, num_slots: int, block_m: int = SMALL_BLOCK_M
     return min(num_tokens, num_slots + num_tokens // block_m)
 
 
+def chunk_buckets(num_tokens: int, num_slots: int, smallest: int = 4) -> list[int]:
+    """Chunk-grid sizes to capture for an n-token decode graph: powers of two from `smallest`, then the capacity.
+
+    A step runs in the smallest bucket holding its real chunks, so the kernels' grids follow the work
+    (one adapter over 64 tokens: 4 chunks) rather than the worst case (36 for 32 slots).
+    """
+    cap = chunk_capacity(num_tokens, num_slots)
+    sizes, size = [], smallest
+    while size < cap:
+        sizes.append(size)
+        size *= 2
+    return sizes + [cap]
+
+
+def count_chunks(token_slots: Sequence[int], block_m: int = SMALL_BLOCK_M) -> int:
+    """Chunks `build_segments` would form for these token slots."""
+    return sum(-(-len(rows) // block_m) for rows in _by_slot(token_slots).values())
+
+
 class StaticSegments:
     """Fixed-size segment buffers that CUDA graphs capture once and replay every decode step.
 
-    `view(n)` gives the segments of an n-token batch with a fixed chunk grid (`chunk_capacity`);
-    `fill(token_slots, n)` rewrites them for a step: chunks past the real ones get length 0, and the
-    kernels then do no memory work for them. One pinned host buffer, one asynchronous copy per step.
+    `view(n, chunks)` gives the segments of an n-token batch with a fixed grid of `chunks` chunks
+    (default `chunk_capacity`; decode graphs are captured at several, see `chunk_buckets`);
+    `fill(token_slots, n)` rewrites them for a step and returns its real chunk count: every view
+    reads a prefix of the same chunk arrays, and chunks past the real ones get length 0 (the kernels
+    return at once for them). One pinned host buffer, one asynchronous copy per step.
     """
 
     def __init__(self, max_tokens: int, num_slots: int, device: torch.device):
@@ -118,44 +139,57 @@ class StaticSegments:
         size = max_tokens + 3 * self.max_chunks
         self.device_buf = torch.zeros(size, dtype=torch.int32, device=device)
         self.host_buf = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.host_np = self.host_buf.numpy()  # filled through numpy: no tensor built per list
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
 
-    def _parts(self, buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        c, m = chunk_capacity(n, self.num_slots), self.max_chunks
-        rows = buf[:self.max_tokens]
-        chunks = buf[self.max_tokens:].view(3, m)
-        return rows[:n], chunks[0, :c], chunks[1, :c], chunks[2, :c]
+    def view(self, n: int, chunks: int | None = None) -> LoraSegments:
+        c = chunk_capacity(n, self.num_slots) if chunks is None else chunks
+        assert c <= self.max_chunks and n <= self.max_tokens, "larger than the buffers"
+        chunk_rows = self.device_buf[self.max_tokens:].view(3, self.max_chunks)
+        return LoraSegments(rows=self.device_buf[:n], chunk_slot=chunk_rows[0, :c], chunk_start=chunk_rows[1, :c],
+                            chunk_len=chunk_rows[2, :c], groups=(), block_m=SMALL_BLOCK_M, num_tokens=n)
 
-    def view(self, n: int) -> LoraSegments:
-        rows, c_slot, c_start, c_len = self._parts(self.device_buf, n)
-        return LoraSegments(rows=rows, chunk_slot=c_slot, chunk_start=c_start, chunk_len=c_len, groups=(),
-                            block_m=SMALL_BLOCK_M, num_tokens=n)
-
-    def fill(self, token_slots: Sequence[int], n: int) -> None:
-        """Write the grouping of `token_slots` (padded to n tokens) into the buffers the graph reads."""
+    def fill(self, token_slots: Sequence[int], n: int) -> int:
+        """Write the grouping of `token_slots` (padded to n tokens) into the buffers the graphs read; returns
+        the step's real chunk count (run it in a graph whose chunk grid holds at least that many)."""
         rows, _, c_slot, c_start, c_len = _group(_by_slot(token_slots), SMALL_BLOCK_M)
+        k = len(c_slot)
+        assert k <= chunk_capacity(n, self.num_slots) and len(token_slots) <= n, "more chunks than a grid holds"
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the host buffer
-        h_rows, h_slot, h_start, h_len = self._parts(self.host_buf, n)
-        k = len(c_slot)
-        assert k <= len(h_slot) and len(token_slots) <= n, "more chunks than the captured grid holds"
-        h_rows[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
-        h_slot[:k] = torch.tensor(c_slot, dtype=torch.int32)
-        h_start[:k] = torch.tensor(c_start, dtype=torch.int32)
-        h_len[:k] = torch.tensor(c_len, dtype=torch.int32)
-        h_len[k:] = 0
+        host = self.host_np
+        host[:len(rows)] = rows
+        chunk_rows = host[self.max_tokens:].reshape(3, self.max_chunks)
+        chunk_rows[0, :k], chunk_rows[1, :k], chunk_rows[2, :k] = c_slot, c_start, c_len
+        chunk_rows[2, k:] = 0
         self.device_buf.copy_(self.host_buf, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        return k
+
+
+def _slice_spans(n_out: int, r: int, slices: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
+    """(first output row, end row, first rank column, end rank column) of each diagonal block of B."""
+    starts = list(slices) if slices else [0]
+    ends = starts[1:] + [n_out]
+    rank = r // len(starts)
+    return [(lo, hi, i * rank, (i + 1) * rank) for i, (lo, hi) in enumerate(zip(starts, ends))]
 
 
 def lora_batched_ref(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
-                     scaling: torch.Tensor, rescale: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-torch batched LoRA, in place on y [N, N_out]; returns y. Math in fp32, one matmul pair per slot."""
-    for slot, start, count in seg.groups:
+                     scaling: torch.Tensor, rescale: torch.Tensor | None = None,
+                     slices: Sequence[int] | None = None) -> torch.Tensor:
+    """Pure-torch batched LoRA, in place on y [N, N_out]; returns y. Math in fp32, one matmul pair per slot
+    (and per slice of a packed layer)."""
+    spans = _slice_spans(y.shape[1], a.shape[1], slices)
+    groups = seg.groups or [  # static (CUDA-graph) segments keep no host copy: their non-empty chunks
+        (s, st, n) for s, st, n in zip(*(t.tolist() for t in (seg.chunk_slot, seg.chunk_start, seg.chunk_len))) if n]
+    for slot, start, count in groups:
         rows = seg.rows[start:start + count].long()
         t = x[rows].float() @ a[slot].float().T  # [n, R]
-        out = y[rows].float() + (t @ b[slot].float().T) * scaling[slot].float()  # [n, N_out]
+        out = y[rows].float()  # [n, N_out]
+        for lo, hi, r_lo, r_hi in spans:
+            out[:, lo:hi] += (t[:, r_lo:r_hi] @ b[slot, lo:hi, r_lo:r_hi].float().T) * scaling[slot].float()
         if rescale is not None:
             out = out * rescale[slot].float()
         y[rows] = out.to(y.dtype)
@@ -163,13 +197,16 @@ def lora_batched_ref(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: tor
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
-             scaling: torch.Tensor, rescale: torch.Tensor | None = None) -> torch.Tensor:
+             scaling: torch.Tensor, rescale: torch.Tensor | None = None,
+             slices: Sequence[int] | None = None) -> torch.Tensor:
     """y [N, N_out] += per-token LoRA (then * rescale per slot, if given); Triton on CUDA, else the reference.
 
     x [N, K] in y's dtype; a [S, R, K], b [S, N_out, R] in x's dtype; scaling [S] and rescale [S, N_out] fp32.
+    slices: a packed layer's output offsets (0, ...; at most 3): slice i owns output rows slices[i].. and
+    rank columns i*R/len .. (i+1)*R/len, and B is used only in those diagonal blocks (the rest is not read).
     """
     if use_triton(y, x, a, b):
         from engine.kernels.lora_batched_triton import lora_batched_triton
 
-        return lora_batched_triton(y, x, seg, a, b, scaling, rescale)
-    return lora_batched_ref(y, x, seg, a, b, scaling, rescale)
+        return lora_batched_triton(y, x, seg, a, b, scaling, rescale, slices)
+    return lora_batched_ref(y, x, seg, a, b, scaling, rescale, slices)

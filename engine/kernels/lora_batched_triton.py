@@ -3,13 +3,19 @@ y += s * t B^T, both over chunks of tokens that share an adapter slot.
 
 Shrink: a program owns one chunk (<= BLOCK_M tokens of one slot) and a slice of K; the rank is small
 (16-64), so a decode step has few chunks and K is split across programs to fill the GPU; fp32
-partials [SPLIT, L, BLOCK_R] are summed by the expand kernel (deterministic, no atomics).
+partials [SPLIT, L, BLOCK_R] are summed by the expand kernel (deterministic, no atomics). The split
+count is capped at MAX_SPLITS, so the expand sums them in a short unrolled run of independent loads.
 Expand: a program owns one chunk and BLOCK_N output columns; it sums the chunk's partials (a few
-KB), reads y's rows, adds the update in
-fp32, applies the DoRA rescale if asked, and writes the rows back. Each token belongs to exactly one
-chunk, so no two programs write the same element. Base tokens (slot -1) are in no chunk.
+KB), reads y's rows, adds the update in fp32, applies the DoRA rescale if asked, and writes the rows
+back. Each token belongs to exactly one chunk, so no two programs write the same element. Base
+tokens (slot -1) are in no chunk. A packed layer's B is block-diagonal (`slices`): the expand works
+slice by slice and reads only each slice's own rank columns, a half or a third of B's bytes.
+
+Empty chunks (chunk_len 0: the spare entries of a CUDA graph's fixed grid) return at once.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import triton
@@ -19,7 +25,9 @@ from engine.kernels._triton_util import dot_precision, num_sms
 from engine.kernels.lora_batched import LoraSegments
 
 SHRINK_BLOCK_K = 128
-EXPAND_BLOCK_N = 128
+MAX_SPLITS = 8  # split-K partials the expand sums (unrolled): enough programs for decode, few registers
+WIDE_BLOCK_N = 256  # expand tile when narrow ones would be more programs than the SMs hold at once
+NARROW_BLOCK_N = 128
 
 
 @triton.jit
@@ -31,9 +39,11 @@ def _shrink_kernel(
 ):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    slot = tl.load(cslot_ptr + chunk).to(tl.int64)
-    start = tl.load(cstart_ptr + chunk)
     count = tl.load(clen_ptr + chunk)
+    slot = tl.load(cslot_ptr + chunk).to(tl.int64)  # loaded with the count: one round trip, not two
+    start = tl.load(cstart_ptr + chunk)
+    if count == 0:  # a spare entry of a fixed CUDA-graph grid
+        return
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
@@ -41,7 +51,6 @@ def _shrink_kernel(
     r_ok = r < R
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    k_hi = tl.where(count > 0, k_hi, k_lo)  # an empty chunk (fixed CUDA-graph grids) does no work
     a_base = a_ptr + slot * stride_as
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -59,31 +68,47 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     part_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
-    N, R, splits,
+    N, slice_rank, off1, off2,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_ym, stride_gs,
-    HAS_RESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_RESCALE: tl.constexpr, SPLITS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(cslot_ptr + chunk).to(tl.int64)
-    start = tl.load(cstart_ptr + chunk)
     count = tl.load(clen_ptr + chunk)
+    slot = tl.load(cslot_ptr + chunk).to(tl.int64)  # loaded with the count: one round trip, not two
+    start = tl.load(cstart_ptr + chunk)
+    if count == 0:  # a spare entry of a fixed CUDA-graph grid
+        return
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_lo = pid_n * BLOCK_N
+    n = n_lo + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    r = tl.arange(0, BLOCK_R)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for sk in range(0, splits):  # the shrink's split-K partials, summed here rather than by another kernel
-        t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + r[None, :], mask=m_ok[:, None],
-                     other=0.0)
-    r_lim = tl.where(count > 0, R, 0)  # an empty chunk (fixed CUDA-graph grids) reads no B
-    bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
-                 mask=n_ok[:, None] & (r[None, :] < r_lim), other=0.0)  # [BLOCK_N, BLOCK_R]
-    upd = tl.dot(t.to(bt.dtype), tl.trans(bt), input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
-    upd = upd * tl.load(scale_ptr + slot)
+    r = tl.arange(0, BLOCK_R)  # rank columns of one slice
+    r_ok = r < slice_rank
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Slice i owns output rows [lo, hi) and rank columns [i * slice_rank, (i + 1) * slice_rank): B is zero
+    # elsewhere, so each slice the tile meets (almost always one) is a small dot over its own columns.
+    for i in tl.static_range(NUM_SLICES):
+        if i == 0:
+            lo, hi = 0, off1
+        elif i == 1:
+            lo, hi = off1, off2
+        else:
+            lo, hi = off2, N
+        if (n_lo < hi) & (n_lo + BLOCK_N > lo):
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            # The shrink's split-K partials, unrolled so that the loads are in flight together.
+            for sk in tl.static_range(SPLITS):
+                t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
+                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+            b_ok = (n_ok & (n >= lo) & (n < hi))[:, None] & r_ok[None, :]
+            bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + i * slice_rank + r[None, :], mask=b_ok,
+                         other=0.0)  # [BLOCK_N, BLOCK_R]
+            acc = tl.dot(t.to(bt.dtype), tl.trans(bt), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
+    upd = acc * tl.load(scale_ptr + slot)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + upd
@@ -93,17 +118,37 @@ def _expand_kernel(
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_k(k: int, num_chunks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, K per split): enough programs for about two waves, each split a whole number of K blocks."""
+def split_k(k: int, num_chunks: int, sms: int) -> tuple[int, int]:
+    """(splits, K per split): about two waves of programs, at most MAX_SPLITS, whole K blocks each."""
     k_blocks = triton.cdiv(k, SHRINK_BLOCK_K)
-    want = max(1, min(k_blocks, triton.cdiv(2 * num_sms(device), num_chunks)))
+    want = max(1, min(k_blocks, MAX_SPLITS, triton.cdiv(2 * sms, num_chunks)))
     per_split = triton.cdiv(k_blocks, want) * SHRINK_BLOCK_K
     return triton.cdiv(k, per_split), per_split
 
 
+def expand_tile(n_out: int, num_chunks: int, block_m: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_N, warps) of the expand. Decode tiles widen when narrow ones would be more programs than the
+    SMs hold at once (about four each at its register count): a program's time is mostly latency
+    (chunk, partials, B, y: three dependent round trips), so fewer, fuller programs finish sooner."""
+    if block_m <= 16:
+        wide = triton.cdiv(n_out, NARROW_BLOCK_N) * num_chunks > 4 * sms
+        return (WIDE_BLOCK_N if wide else NARROW_BLOCK_N), 4
+    return NARROW_BLOCK_N, 8  # prefill: 64-row tiles, the old shape
+
+
+def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int, int, int]:
+    """(rank per slice, start of slice 1, start of slice 2); absent slices start at n_out."""
+    if not slices or len(slices) == 1:
+        return r, n_out, n_out
+    assert len(slices) <= 3 and r % len(slices) == 0 and slices[0] == 0, f"unsupported slices {slices}"
+    starts = list(slices[1:]) + [n_out] * (3 - len(slices))
+    return r // len(slices), starts[0], starts[1]
+
+
 def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
-                        scaling: torch.Tensor, rescale: torch.Tensor | None = None) -> torch.Tensor:
-    """In place on y [N, N_out]; returns y. See lora_batched.add_lora for the shapes."""
+                        scaling: torch.Tensor, rescale: torch.Tensor | None = None,
+                        slices: Sequence[int] | None = None) -> torch.Tensor:
+    """In place on y [N, N_out]; returns y. See lora_batched.add_lora for the shapes and `slices`."""
     n_out, k = y.shape[1], x.shape[1]
     r = a.shape[1]
     assert x.stride(1) == 1 and y.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1
@@ -112,7 +157,8 @@ def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: 
     num_rows, num_chunks = seg.num_rows, seg.num_chunks
     block_r = max(16, triton.next_power_of_2(r))
     prec = dot_precision(x.dtype)
-    splits, per_split = _split_k(k, num_chunks, x.device)
+    sms = num_sms(x.device)
+    splits, per_split = split_k(k, num_chunks, sms)
     part = torch.empty(splits, num_rows, block_r, device=x.device, dtype=torch.float32)
     _shrink_kernel[(num_chunks, splits)](
         x, a, part, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
@@ -120,12 +166,14 @@ def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: 
         x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
         BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, PREC=prec, num_warps=4,
     )
+    slice_rank, off1, off2 = _slice_bounds(n_out, r, slices)
+    block_n, warps = expand_tile(n_out, num_chunks, seg.block_m, sms)
     g = rescale if rescale is not None else scaling  # unused pointer when there is no rescale
-    _expand_kernel[(num_chunks, triton.cdiv(n_out, EXPAND_BLOCK_N))](
+    _expand_kernel[(num_chunks, triton.cdiv(n_out, block_n))](
         part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
-        n_out, r, splits,
+        n_out, slice_rank, off1, off2,
         part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
-        HAS_RESCALE=rescale is not None, BLOCK_M=seg.block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r,
-        PREC=prec, num_warps=4,
+        HAS_RESCALE=rescale is not None, SPLITS=splits, NUM_SLICES=len(slices) if slices else 1, BLOCK_M=seg.block_m,
+        BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(slice_rank)), PREC=prec, num_warps=warps,
     )
     return y

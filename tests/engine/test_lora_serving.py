@@ -289,3 +289,33 @@ def test_pinned_adapter_stays_resident_and_limits_hold(base_model, lora_root):
     # With x pinned, a batch holding y and d would need three slots: they are admitted one after the other.
     version = {a.name: a.version for a in reg.adapters()}
     assert reg.fits({("y", version["y"])}) and not reg.fits({("y", version["y"]), ("d", version["d"])})
+
+
+def test_decode_graph_batches_match_the_eager_grouping(base_model, lora_root):
+    """The static segments decode graphs read, at every captured chunk grid that holds the step, give each
+    wrapper (packed q/k/v and gate/up included) the same output as the step's own exact grouping."""
+    engine = make_engine(base_model, lora_root, max_loras=8, fused=True)
+    registry = engine.adapters
+    registry.load("x", "x")
+    registry.load("d", "d")
+    x_key, d_key = ("x", registry._current["x"].version), ("d", registry._current["d"].version)
+    adapters = [x_key, None, d_key, x_key, None, x_key]
+    registry.enable_graphs(8)
+    chunks = registry.prepare_graph_step(adapters, 8)  # 6 sequences padded to a bucket of 8
+    assert chunks == 2
+    grids = [c for c in registry.graph_chunk_sizes(8) if c >= chunks]
+    assert grids == [4, 8]
+    eager = registry.prepare_step(adapters + [None, None], [1] * 8)
+    gen = torch.Generator().manual_seed(11)
+    packed = 0
+    for layer in registry.layers:
+        packed += len(layer.slice_paths) > 1
+        x = torch.randn(8, layer.in_features, generator=gen)
+        with registry.context.use(eager):
+            want = layer(x)
+        for c in grids:
+            with registry.context.use(registry.graph_batch(8, c)):
+                got = layer(x)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (layer.slice_paths, c)
+        assert torch.equal(want[[1, 4, 6, 7]], layer.base_layer(x)[[1, 4, 6, 7]])  # base and padding rows
+    assert packed == 2 * base_model.config.num_hidden_layers

@@ -4,14 +4,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.lora_batched import StaticSegments, add_lora, build_segments, chunk_capacity, lora_batched_ref
+from engine.kernels.lora_batched import (StaticSegments, add_lora, build_segments, chunk_buckets, chunk_capacity,
+                                        count_chunks, lora_batched_ref)
 from engine.kernels.testing import assert_close_rel, require_backend
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def per_token_float64(y, x, slots, a, b, scaling, rescale=None):
+def diagonal_mask(n_out, r, slices, device="cpu"):
+    """[N, R] True inside a packed layer's diagonal blocks: slice i's output rows by its rank columns."""
+    bounds = list(slices) + [n_out]
+    rank = r // len(slices)
+    mask = torch.zeros(n_out, r, dtype=torch.bool, device=device)
+    for i in range(len(slices)):
+        mask[bounds[i]:bounds[i + 1], i * rank:(i + 1) * rank] = True
+    return mask
+
+
+def per_token_float64(y, x, slots, a, b, scaling, rescale=None, slices=None):
     """y + the literal definition, one token at a time (no grouping), in float64."""
+    if slices:
+        b = torch.where(diagonal_mask(*b.shape[1:], slices, b.device), b, 0)
     out = y.double().clone()
     for i, s in enumerate(slots):
         if s < 0:
@@ -23,8 +36,9 @@ def per_token_float64(y, x, slots, a, b, scaling, rescale=None):
     return out
 
 
-def make_case(n, k, n_out, num_slots, r, dtype, device, used=None, dora=False):
-    """Random tokens and stacks; slots outside `used` are NaN so any stray read shows up."""
+def make_case(n, k, n_out, num_slots, r, dtype, device, used=None, dora=False, slices=None):
+    """Random tokens and stacks; slots outside `used` are NaN so any stray read shows up, and so are a
+    packed layer's off-diagonal blocks of B when `slices` are given."""
     used = list(range(num_slots)) if used is None else used
     slots = [used[i] for i in torch.randint(0, len(used), (n,)).tolist()]
     for i in torch.randperm(n)[: max(1, n // 4)].tolist():
@@ -38,6 +52,8 @@ def make_case(n, k, n_out, num_slots, r, dtype, device, used=None, dora=False):
     for s in used:
         a[s] = (torch.randn(r, k, device=device) / k ** 0.5).to(dtype)
         b[s] = torch.randn(n_out, r, device=device).to(dtype)
+        if slices:
+            b[s] = torch.where(diagonal_mask(n_out, r, slices, device), b[s], float("nan"))
         scaling[s] = 0.5 + torch.rand(()).item()
         if dora:
             rescale[s] = 0.5 + torch.rand(n_out, device=device)
@@ -73,17 +89,18 @@ def test_dispatcher_uses_reference_on_cpu():
     assert_close_rel(out, per_token_float64(y, x, slots, a, b, scaling), 1e-5)
 
 
-def _check_triton(device, dtype, n, k, n_out, num_slots, r, used, dora, block_m=None):
+def _check_triton(device, dtype, n, k, n_out, num_slots, r, used, dora, block_m=None, slices=None):
     from engine.kernels.lora_batched_triton import lora_batched_triton
 
-    slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, num_slots, r, dtype, device, used, dora)
+    slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, num_slots, r, dtype, device, used, dora, slices)
     seg = build_segments(slots, device, block_m)
     base = [i for i, s in enumerate(slots) if s < 0]
     before = y[base].clone()
-    out = lora_batched_triton(y.clone(), x, seg, a, b, scaling, rescale)
+    out = lora_batched_triton(y.clone(), x, seg, a, b, scaling, rescale, slices)
     assert torch.equal(out[base], before), "base-model rows were modified"
-    assert_close_rel(out.float(), per_token_float64(y, x, slots, a, b, scaling, rescale).float(), TOL[dtype])
-    ref = lora_batched_ref(y.clone(), x, seg, a, b, scaling, rescale)
+    expected = per_token_float64(y, x, slots, a, b, scaling, rescale, slices).float()
+    assert_close_rel(out.float(), expected, TOL[dtype])
+    ref = lora_batched_ref(y.clone(), x, seg, a, b, scaling, rescale, slices)
     assert_close_rel(out.float(), ref.float(), TOL[dtype])
 
 
@@ -95,38 +112,85 @@ def test_triton_cpu_decode_shapes(dtype, dora):
     _check_triton("cpu", dtype, 23, 200, 136, 6, 12, [0, 1, 4], dora)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_reference_reads_only_the_diagonal_blocks_of_a_packed_layer(dora):
+    slices = (0, 24, 32)  # q, k, v outputs of 24, 8, 8 rows; rank 4 each
+    slots, x, y, a, b, scaling, rescale = make_case(19, 40, 40, 4, 12, torch.float32, "cpu", [1, 3], dora, slices)
+    out = lora_batched_ref(y.clone(), x, build_segments(slots), a, b, scaling, rescale, slices)
+    assert not out.isnan().any(), "an off-diagonal (NaN) block of B was read"
+    assert_close_rel(out, per_token_float64(y, x, slots, a, b, scaling, rescale, slices), 1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_triton_cpu_packed_slices(dora):
+    require_backend("cpu")
+    # Three slices whose bounds fall inside the first 128-column tile, a second tile inside the last slice;
+    # a rank of 6 per slice (under the 16-wide tile); NaN off-diagonal blocks.
+    _check_triton("cpu", torch.float16, 21, 64, 136, 4, 18, [0, 2], dora, slices=(0, 72, 104))
+
+
 def test_triton_cpu_long_groups():
     require_backend("cpu")
     # Groups longer than a tile: chunks of 16 within one slot, split K.
     _check_triton("cpu", torch.float16, 70, 256, 64, 3, 16, [1, 2], False, block_m=16)
 
 
-def _check_static(device, dtype, k, n_out):
-    """Fixed chunk grid as CUDA graphs capture it: padding rows, empty chunks, refills between calls."""
+def _check_static(device, dtype, k, n_out, slices=None):
+    """Fixed chunk grids as CUDA graphs capture them: padding rows, empty chunks, refills between calls,
+    each step run in every captured grid that holds its chunks (a grid of exactly its chunks included)."""
     from engine.kernels.lora_batched_triton import lora_batched_triton
 
     static = StaticSegments(max_tokens=40, num_slots=5, device=torch.device(device))
     for n, used in ((32, [0, 1, 2, 3, 4]), (20, [3]), (32, [1, 4])):
-        slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, 5, 16, dtype, device, used, dora=True)
+        slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, 5, 16 if slices is None else 24, dtype, device,
+                                                        used, dora=True, slices=slices)
         slots[-3:] = [-1, -1, -1]  # the bucket's padding rows
-        static.fill(slots[:-3], n)
-        seg = static.view(n)
-        assert seg.num_chunks == chunk_capacity(n, 5)
+        chunks = static.fill(slots[:-3], n)
+        assert chunks == count_chunks(slots) == build_segments(slots).num_chunks
+        grids = [c for c in chunk_buckets(n, 5) if c >= chunks]
+        assert grids[-1] == chunk_capacity(n, 5)
         base = [i for i, s in enumerate(slots) if s < 0]
-        out = lora_batched_triton(y.clone(), x, seg, a, b, scaling, rescale)
-        assert torch.equal(out[base], y[base])
-        assert_close_rel(out.float(), per_token_float64(y, x, slots, a, b, scaling, rescale).float(), TOL[dtype])
+        expected = per_token_float64(y, x, slots, a, b, scaling, rescale, slices).float()
+        for c in sorted({chunks, grids[0], grids[-1]}):
+            seg = static.view(n, c)
+            assert seg.num_chunks == c
+            out = lora_batched_triton(y.clone(), x, seg, a, b, scaling, rescale, slices)
+            assert torch.equal(out[base], y[base])
+            assert_close_rel(out.float(), expected, TOL[dtype])
+            ref = lora_batched_ref(y.clone(), x, seg, a, b, scaling, rescale, slices)  # from the chunk arrays
+            assert_close_rel(ref.float(), expected, TOL[dtype])
 
 
 def test_triton_cpu_static_segments():
     require_backend("cpu")
-    _check_static("cpu", torch.float32, 96, 80)
+    _check_static("cpu", torch.float32, 96, 80, slices=(0, 48))
+
+
+def test_chunk_buckets_follow_the_real_work():
+    assert chunk_capacity(64, 32) == 36
+    assert chunk_buckets(64, 32) == [4, 8, 16, 32, 36]
+    assert chunk_buckets(32, 32) == [4, 8, 16, 32]
+    assert chunk_buckets(8, 8) == [4, 8]
+    assert chunk_buckets(3, 8) == [3] and chunk_buckets(4, 1) == [1]
+    # One adapter over 64 tokens is 4 chunks of 16; 32 adapters over 64 tokens, 32 chunks.
+    assert count_chunks([0] * 64) == 4 and count_chunks([i % 32 for i in range(64)]) == 32
+    assert count_chunks([-1, 2, -1, 2, 5]) == 2 and count_chunks([-1]) == 0
 
 
 @pytest.mark.gpu
 def test_triton_gpu_static_segments():
     require_backend("cuda")
     _check_static("cuda", torch.bfloat16, 2048, 4096)
+    _check_static("cuda", torch.bfloat16, 2048, 3072, slices=(0, 2048, 2560))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,num_used", [(64, 1), (64, 32), (1024, 4)])
+def test_triton_gpu_packed_shapes(n, num_used):
+    require_backend("cuda")
+    # Llama-3.2-1B's fused q/k/v (3 slices) and gate/up (2 slices), rank 16 per slice, 33 slots.
+    _check_triton("cuda", torch.bfloat16, n, 2048, 3072, 33, 48, list(range(num_used)), False, slices=(0, 2048, 2560))
+    _check_triton("cuda", torch.bfloat16, n, 2048, 16384, 33, 32, list(range(num_used)), True, slices=(0, 8192))
 
 
 @pytest.mark.gpu
