@@ -88,12 +88,6 @@ def _expand_kernel(
     n_ok = n < N
     r = tl.arange(0, BLOCK_R)  # rank columns of one slice
     r_ok = r < slice_rank
-    # y's rows (and the DoRA factors) are fetched first, so that their latency overlaps the partials' and B's.
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
-    if HAS_RESCALE:
-        g = tl.load(rescale_ptr + slot * stride_gs + n, mask=n_ok, other=1.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Slice i owns output rows [lo, hi) and rank columns [i * slice_rank, (i + 1) * slice_rank): B is zero
     # elsewhere, so each slice the tile meets (almost always one) is a small dot over its own columns.
@@ -114,8 +108,12 @@ def _expand_kernel(
             bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + i * slice_rank + r[None, :], mask=b_ok,
                          other=0.0)  # [BLOCK_N, BLOCK_R]
             acc = tl.dot(t.to(bt.dtype), tl.trans(bt), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
-    out = y_old.to(tl.float32) + acc * tl.load(scale_ptr + slot)
+    upd = acc * tl.load(scale_ptr + slot)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + upd
     if HAS_RESCALE:
+        g = tl.load(rescale_ptr + slot * stride_gs + n, mask=n_ok, other=1.0)
         out = out * g[None, :]
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -131,11 +129,12 @@ def split_k(k: int, num_chunks: int, sms: int) -> tuple[int, int]:
 def expand_tile(n_out: int, num_chunks: int, block_m: int, sms: int) -> tuple[int, int]:
     """(BLOCK_N, warps) of the expand. Decode tiles widen when narrow ones would be more programs than the
     SMs hold at once (about four each at its register count): a program's time is mostly latency
-    (chunk, partials, B, y: three dependent round trips), so fewer, fuller programs finish sooner."""
+    (chunk; its rows, partials and B; y: three dependent round trips), so fewer, fuller programs finish
+    sooner."""
     if block_m <= 16:
         wide = triton.cdiv(n_out, NARROW_BLOCK_N) * num_chunks > 4 * sms
         return (WIDE_BLOCK_N if wide else NARROW_BLOCK_N), 4
-    return NARROW_BLOCK_N, 8  # prefill: 64-row tiles, the old shape
+    return NARROW_BLOCK_N, 8  # prefill: 64-row tiles; 8 warps keep them at ~128 registers
 
 
 def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int, int, int]:
