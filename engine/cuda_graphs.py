@@ -113,6 +113,7 @@ class DecodeGraphs:
         self.host_vec = torch.zeros(4, self.max_batch, dtype=torch.int32).pin_memory()
         self.host_tables = torch.zeros(self.max_batch * self.max_blocks, dtype=torch.int32).pin_memory()
         self.np_vec, self.np_tables = self.host_vec.numpy(), self.host_tables.numpy()
+        self._views: dict[int, tuple] = {}  # n rows -> (ids, positions, logits rows, metadata) views
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # The same with the batched-LoRA kernels, by (batch size, chunk-grid size).
@@ -190,16 +191,26 @@ class DecodeGraphs:
             # Into the buffers the graphs read; the smallest chunk grid holding the step's chunks runs it.
             chunks = self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)
             lora = self.adapters.graph_batch(bs, bucket_for(chunks, self.chunk_sizes[bs]))
+        ids, positions, rows, metadata = self._step_views(n, bs)
         return ModelInput(
-            input_ids=self.vec[IDS, :n].view(1, n),
-            positions=self.vec[POSITIONS, :n].view(1, n),
-            metadata=self._metadata(bs),
-            logits_indices=self.rows[:n],
+            input_ids=ids,
+            positions=positions,
+            metadata=metadata,
+            logits_indices=rows,
             sample_rows={s.request_id: i for i, s in enumerate(plan.seqs)},
             prompt_rows={},
             lora=lora,
             graph_batch=bs,
         )
+
+    def _step_views(self, n: int, bs: int) -> tuple:
+        """Views of the static buffers for an n-row step in bucket bs, made once (each tensor view
+        costs microseconds of host time, and a batch-1 step has about a millisecond in all)."""
+        views = self._views.get(n)
+        if views is None:
+            views = self._views[n] = (self.vec[IDS, :n].view(1, n), self.vec[POSITIONS, :n].view(1, n),
+                                      self.rows[:n], self._metadata(bs))
+        return views
 
     def replay(self, inp: ModelInput) -> torch.Tensor:
         """Run the captured step; float32 logits [n, V], a view valid until the next replay."""
