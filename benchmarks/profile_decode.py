@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'us/step':>9} {'n':>5} {'us each':>8}  kernel")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} {r['launches_per_step']:5.0f} {r['us_per_launch']:8.2f}  {r['kernel'][:110]}")
-    write_json(args.out, {"benchmark": "profile_decode", **run_info(), "settings": vars(args),
+    write_json(args.out, {"benchmark": "profile_decode", **run_info(sys.argv), "settings": vars(args),
                           "tokens_per_s": result["tokens_per_s"], "host_phases_ms_per_step": phases,
                           "kernel_us_per_step": gpu_us, "kernels_per_step": launches, "kernels": rows})
     return 0

@@ -237,7 +237,10 @@ class Engine:
         rows = [model_out.sample_rows[s.request_id] for s in plan.seqs if s.sample]
         rows += [model_out.sample_rows[parent] for _, parent in plan.forks]
         reqs = [self.scheduler.requests[rid] for rid in ids]
-        batch = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.stop_ids,
+        # The output so far is copied only for the processors that read it (penalties, min_tokens):
+        # a copy per request per step grows with the output and shows at large batches.
+        batch = [SamplingRow(r.params, r.prompt_token_ids,
+                             r.output_token_ids if r.params.needs_penalties or r.params.min_tokens else (), r.stop_ids,
                              self.generators.get(r.request_id)) for r in reqs]
         logits = model_out.logits
         if rows != list(range(logits.shape[0])):  # decode steps sample every row in order: no gather

@@ -64,20 +64,20 @@ class _Choice:
         self.finish_reason, self.stop_reason = "stop", stop
 
     def delta(self) -> CompletionOutput:
-        out_ids = self.request.output_token_ids
+        req = self.request
         end = len(self.text)
         if self.finish_reason is None and self.request.params.stop:
             end -= held_back(self.text, self.request.params.stop)
         text = self.text[self.sent_text:end]
         self.sent_text = max(self.sent_text, end)
-        ids = out_ids[self.sent_tokens:]
-        self.sent_tokens = len(out_ids)
+        ids = req.token_ids[req.num_prompt_tokens + self.sent_tokens:]  # the new ones only, no full copy
+        self.sent_tokens = req.num_output_tokens
         logprobs = None
         if self.logprobs is not None:
             logprobs, self.logprobs = self.logprobs, []
         return CompletionOutput(index=self.request.index, text=text, token_ids=ids, logprobs=logprobs,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                num_tokens=len(out_ids))
+                                num_tokens=self.sent_tokens)
 
 
 class _Group:
@@ -97,6 +97,14 @@ class _Group:
 
     def metrics(self) -> RequestMetrics:
         rs = self.requests
+        if len(rs) == 1:  # the common case, once per request per step: no aggregation
+            r = rs[0]
+            return RequestMetrics(
+                arrival_time=r.arrival_time, first_scheduled_time=r.first_scheduled_time,
+                first_token_time=r.first_token_time, last_token_time=r.last_token_time,
+                finished_time=r.finished_time if self.finished else None,
+                num_prompt_tokens=r.num_prompt_tokens, num_generation_tokens=r.num_output_tokens,
+                num_cached_tokens=r.num_cached_tokens or 0, num_preemptions=r.num_preemptions)
 
         def pick(fn, values):
             values = [v for v in values if v is not None]
@@ -167,7 +175,7 @@ class OutputProcessor:
             if group is None:
                 continue
             choice = group.choices[req.request_id]
-            new_ids = req.output_token_ids[choice.seen_tokens:]
+            new_ids = req.token_ids[req.num_prompt_tokens + choice.seen_tokens:]
             choice.seen_tokens += len(new_ids)
             row = logprobs.get(req.request_id)
             if choice.logprobs is not None and row is not None:
