@@ -140,13 +140,16 @@ def render_multi_lora(d: dict) -> str:
              f"Random {s['shape']} shape, {s['dtype'].replace('torch.', '')}, batch {s['batch']}, prompt {s['prompt_len']}, "
              f"{s['output_len']} tokens out, rank {s['rank']} adapters on all seven projections; medians of "
              f"{s['repeats']} runs. Loading one adapter took {d['adapter_load_seconds_each'] * 1e3:.0f} ms.", "",
-             "| configuration | distinct adapters | output tokens/s | decode step ms | vs base (LoRA off) |",
-             "|---|---|---|---|---|"]
-    base = d["results"][0]["median"]["output_tokens_per_s"]
+             "| configuration | distinct adapters | output tokens/s | vs base (LoRA off) | decode tokens/s "
+             "| decode vs base | decode step ms | decode graph GPU ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = d["results"][0]["median"]
     for r in d["results"]:
         m = r["median"]
         lines.append(f"| {r['name']} | {r['distinct_adapters']} | {m['output_tokens_per_s']:,.0f} | "
-                     f"{m['decode_step_ms_median']:.2f} | {m['output_tokens_per_s'] / base:.2f}x |")
+                     f"{m['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x | {m['decode_tokens_per_s']:,.0f} | "
+                     f"**{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x** | "
+                     f"{m['decode_step_ms_median']:.2f} | {fmt(r.get('gpu_step_ms'), 3)} |")
     return "\n".join(lines)
 
 
@@ -159,6 +162,9 @@ def newest(results: Path) -> dict[str, dict]:
         except (OSError, json.JSONDecodeError):
             continue
         kind = {"bench_kernels": "kernels"}.get(d.get("benchmark"), d.get("benchmark"))
+        shape = d.get("settings", {}).get("shape", "")
+        if kind == "multi_lora" and shape not in ("", "llama-1b"):  # one table per model shape
+            kind = f"multi_lora_{shape.rsplit('-', 1)[-1]}"
         if kind and (kind not in found or d.get("date", "") > found[kind].get("date", "")):
             found[kind] = d
     return found
@@ -166,7 +172,7 @@ def newest(results: Path) -> dict[str, dict]:
 
 def render(doc: str, docs: dict[str, dict]) -> str:
     blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
-              "train_step": render_train, "multi_lora": render_multi_lora}
+              "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)
