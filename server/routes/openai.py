@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from server.job import respond
 from server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
@@ -34,7 +35,9 @@ def _generation_responses(body_model: type, chunk_model: type) -> dict[int | str
              response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     """Complete one or more prompts (text or token ids)."""
-    job, spec = prepare_completion(get_state(request), body, request)
+    # Validation and tokenization run in a worker thread: a long prompt must not stall the event
+    # loop that streams every other response.
+    job, spec = await run_in_threadpool(prepare_completion, get_state(request), body, request)
     stream = stream_completion(job, spec) if body.stream else None
     return await respond(job, request, lambda: complete(job, spec), stream)
 
@@ -43,7 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
              response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     """Continue a conversation rendered through the model's chat template."""
-    job, spec = prepare_chat(get_state(request), body, request)
+    job, spec = await run_in_threadpool(prepare_chat, get_state(request), body, request)  # as above
     stream = stream_chat(job, spec) if body.stream else None
     return await respond(job, request, lambda: chat_complete(job, spec), stream)
 
