@@ -3,9 +3,10 @@
 The file is encoded as one token stream (BOS first). Windows of `seq_len` tokens start every `stride`
 tokens; each window scores only the tokens that the previous window did not, so every token after the
 first is predicted exactly once, with at least `seq_len - stride` tokens of context (except at the
-start). stride == seq_len gives disjoint chunks (fast, less context); a smaller stride is closer to
-the model's true perplexity. Bits per byte (per UTF-8 byte of the text) are reported as well, since
-they compare across tokenizers.
+start). stride == seq_len - 1 gives back-to-back windows (fast, least context); a smaller stride is
+closer to the model's true perplexity. Bits per byte (per UTF-8 byte of the text) are reported as
+well, since they compare across tokenizers. The windows and their scoring are those of
+training.eval.perplexity, the one implementation of windowed perplexity.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from engine.model import Transformer
 
@@ -46,45 +46,17 @@ class PerplexityResult:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
 
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, scored) for each window: tokens [begin, end) are fed, the last `scored` are scored."""
-    if not 0 < stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
-    out, scored_until = [], 1  # token 0 has no prediction
-    begin = 0
-    while scored_until < n_tokens:
-        end = min(begin + seq_len, n_tokens)
-        out.append((begin, end, end - scored_until))
-        scored_until = end
-        begin += stride
-    return out
-
-
-@torch.no_grad()
 def stream_nll(model: Transformer, ids: Sequence[int], seq_len: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
-    """(summed NLL in nats, tokens scored) of a token stream under `model`, windows batched by length."""
-    device = next(model.parameters()).device
-    stream = torch.tensor(list(ids), dtype=torch.long)
-    plan = windows(len(stream), seq_len, stride)
-    nll, count = 0.0, 0
-    i = 0
-    while i < len(plan):
-        length = plan[i][1] - plan[i][0]
-        group = [plan[i]]
-        while len(group) < batch_size and i + len(group) < len(plan) and \
-                plan[i + len(group)][1] - plan[i + len(group)][0] == length:
-            group.append(plan[i + len(group)])
-        i += len(group)
-        x = torch.stack([stream[b:e] for b, e, _ in group]).to(device)  # [B, L]
-        logits = model(x).float()  # [B, L, V]
-        # Position t predicts token t+1; score the last `scored` targets of each window.
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        target = x[:, 1:]
-        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, L-1]
-        for row, (_, _, scored) in enumerate(group):
-            nll -= float(tok_lp[row, tok_lp.shape[1] - scored:].double().sum())
-            count += scored
-    return nll, count
+    """(summed NLL in nats, tokens scored) of a token stream under `model`, in windows of `seq_len`.
+
+    The last window keeps its stride position (training.eval.perplexity.windows with fill_last=False).
+    """
+    from training.eval.local import LocalModel
+    from training.eval.perplexity import score_windows, windows
+
+    plan = windows(len(ids), seq_len, stride, fill_last=False)
+    scores = score_windows(ids, plan, LocalModel(model, None, "", batch_size))
+    return -sum(s.logprob for s in scores), sum(s.num_tokens for s in scores)
 
 
 def eval_perplexity(model_dir: str | Path, text_file: str | Path, *, seq_len: int | None = None,

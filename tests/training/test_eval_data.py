@@ -233,6 +233,13 @@ def test_windows_score_every_token_once_within_seq_len(n, seq_len, stride):
         windows(n, seq_len, seq_len)
 
 
+@pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 8), (100, 17, 16), (7, 16, 8), (33, 8, 3)])
+def test_unfilled_last_window_keeps_its_stride_position(n, seq_len, stride):
+    plan = windows(n, seq_len, stride, fill_last=False)
+    assert [(s, e) for _, s, e in plan] == [(s, e) for _, s, e in windows(n, seq_len, stride)]
+    assert [c for c, _, _ in plan] == [i * stride for i in range(len(plan))]
+
+
 # -- metrics ------------------------------------------------------------------------------------------
 def test_mean_stderr_is_the_sample_standard_error():
     mean, se = mean_stderr([1.0, 0.0, 1.0, 1.0])
