@@ -8,7 +8,9 @@ simply start a request with computed tokens; a preempted request restarts at zer
 but keeps its output, so prefill, chunked prefill, cache hits and recompute are one code path.
 
 When blocks run out, the last running request in scheduling order (lowest priority, newest) is
-preempted: its blocks are freed and it waits to be recomputed. No torch here.
+preempted: its blocks are freed and it waits to be recomputed. A waiting request more urgent than
+running ones (a lower priority value) preempts the least urgent of them when it could not start
+otherwise. No torch here.
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ class _Step:
     budget: int
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    out_of_blocks: bool = False  # a running request was preempted because the KV pool ran out
 
 
 class Scheduler:
@@ -139,8 +142,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens: running requests first, then admissions while budget remains."""
         step = _Step(budget=self.max_num_batched_tokens)
+        self._preempt_for_priority(step)
         self._schedule_running(step)
-        if not step.preempted:  # admitting while evicting would only thrash
+        if not step.out_of_blocks:  # admitting while evicting for space would only thrash
             self._schedule_waiting(step)
         forks = self._fork_siblings(step)
         self.stats.steps += 1
@@ -159,6 +163,7 @@ class Scheduler:
             while not self.kv.can_allocate(req.request_id, req.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim, step)
+                step.out_of_blocks = True
                 if victim is req:
                     scheduled = False
                     break
@@ -167,11 +172,51 @@ class Scheduler:
             self._schedule(req, num_new, step)
             i += 1
 
+    def _preempt_for_priority(self, step: _Step) -> None:
+        """Make room for a waiting request more urgent than running ones.
+
+        When the head of the queue has a strictly lower priority value than the last running
+        request and could not start this step (sequence cap, or too few free KV blocks for its
+        first chunk once the running requests have grown to their current length), running requests of lower
+        priority are preempted, the least urgent first, until it could. Requests of the same
+        priority never preempt each other (first come, first served), and nothing is preempted
+        when even all lower-priority requests' blocks (as their tables count them) would not make
+        it fit.
+        """
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        victims = [r for r in reversed(self.running) if r.priority > head.priority]
+        if not victims:
+            return
+        first_chunk = min(head.num_tokens, self.max_num_batched_tokens)
+        need = self.kv.num_blocks_needed(head.request_id, first_chunk)
+        growth = {r.request_id: self.kv.num_blocks_needed(r.request_id, r.num_tokens) for r in self.running}
+
+        def blocked(running: int, free: int, grow: int) -> bool:
+            return running >= self.max_num_seqs or free < need + grow
+
+        running, free, grow = len(self.running), self.kv.num_free_blocks, sum(growth.values())
+        if not blocked(running, free, grow):
+            return
+        chosen = []
+        for victim in victims:
+            chosen.append(victim)
+            running -= 1
+            free += len(self.kv.block_table(victim.request_id))
+            grow -= growth[victim.request_id]
+            if not blocked(running, free, grow):
+                break
+        else:
+            return  # not enough to gain: preempt nobody
+        for victim in chosen:
+            self._preempt(victim, step)
+
     def _schedule_waiting(self, step: _Step) -> None:
         skipped: list[Request] = []  # their adapter would need one slot too many: they wait, others go on
         while self.waiting and step.budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if not self._adapter_fits(req):
+            if not self._adapter_fits(req) or req.request_id in step.preempted:  # no re-admission in the same step
                 skipped.append(self.waiting.pop(0))
                 continue
             cached: list[int] = []

@@ -165,3 +165,46 @@ def test_siblings_fork_from_the_parent_prompt():
     assert counts(out) == {"r": 1, "r#1": 3, "r#2": 3}
     sched.update(out, {"r": 1, "r#1": 1, "r#2": 1})
     assert not sched.has_unfinished() and sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_an_urgent_arrival_preempts_the_least_urgent_running_request_at_the_sequence_cap():
+    sched = make_scheduler(max_num_seqs=2)
+    sched.add(make_request("normal", 2, max_tokens=20))
+    sched.add(make_request("background", 2, max_tokens=20, priority=5, first_token=2000))
+    run_step(sched)
+    assert {r.request_id for r in sched.running} == {"normal", "background"}
+    sched.add(make_request("urgent", 2, max_tokens=20, priority=-1, first_token=3000))
+    out = run_step(sched)
+    assert out.preempted == ("background",)  # the least urgent goes, not the newest
+    assert set(counts(out)) == {"normal", "urgent"}
+    bg = sched.requests["background"]
+    assert bg.status == RequestStatus.WAITING and bg.num_computed_tokens == 0 and bg.num_output_tokens == 1
+    # Equal priorities never preempt each other: a second normal request waits its turn.
+    sched.add(make_request("normal-2", 2, max_tokens=20, first_token=4000))
+    out = run_step(sched)
+    assert out.preempted == () and set(counts(out)) == {"normal", "urgent"}
+
+
+def test_an_urgent_arrival_preempts_for_kv_blocks_only_when_that_makes_room():
+    # 8 blocks of 4 tokens: two running requests hold 3 blocks each.
+    sched = make_scheduler(num_blocks=8, max_num_seqs=4, budget=64, prefix=False)
+    sched.add(make_request("a", 10, max_tokens=20, priority=1))
+    sched.add(make_request("b", 10, max_tokens=20, priority=1, first_token=2000))
+    run_step(sched)
+    assert sched.kv.num_free_blocks == 2
+    # A more urgent request too big to fit even if both were preempted: nobody is preempted.
+    sched.add(make_request("huge", 40, max_tokens=1, priority=0, first_token=3000))
+    out = run_step(sched)
+    assert out.preempted == () and set(counts(out)) == {"a", "b"}
+    sched.finish("huge", RequestStatus.FINISHED_ABORTED)
+    # One that fits in the 2 free blocks starts without preempting anybody.
+    sched.add(make_request("small", 8, max_tokens=1, priority=0, first_token=5000))
+    out = run_step(sched)
+    assert out.preempted == () and set(counts(out)) == {"a", "b", "small"}
+    # One needing 3 blocks: the newest low-priority request goes (and is not re-admitted this step).
+    sched.add(make_request("urgent", 12, max_tokens=2, priority=0, first_token=4000))
+    out = run_step(sched)
+    assert out.preempted == ("b",) and set(counts(out)) == {"a", "urgent"}
+    while sched.has_unfinished():  # everyone finishes, the preempted request by recompute
+        run_step(sched)
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
