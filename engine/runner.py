@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.attention import FusedRopePagedAttention, KVCache, PagedAttention, PagedAttentionMetadata
@@ -183,7 +184,11 @@ class ModelRunner:
             pos = range(start, start + n)
             positions.extend(pos)
             table = seq.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:  # a prefill chunk: thousands of tokens, one vectorised pass rather than a Python loop
+                p = np.arange(start, start + n)
+                slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             context_lens.append(start + n)
             tables.append(list(table) + [0] * (max_blocks - len(table)))
             if seq.prompt_logprobs:  # every row; the last one doubles as the sampling row
