@@ -9,7 +9,6 @@ it); no driver or GPU. Run it with the Triton version the GPU machine uses (3.6 
     python benchmarks/sass_report.py                 # every case
     python benchmarks/sass_report.py int4_gemv_m1    # cases whose name contains this
     python benchmarks/sass_report.py lora_           # the batched-LoRA shrink and expand kernels
-    python benchmarks/sass_report.py dense_gemv      # the bf16 split-K GEMV
 """
 from __future__ import annotations
 
@@ -43,7 +42,6 @@ def _cases():
     from engine.kernels.quant_gemv_triton import _gemv_kernel
     from engine.kernels.quant_matmul_triton import _int4_dot_kernel, _int8_dot_kernel
     from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
-    from engine.kernels.dense_gemv_triton import _dense_gemv_kernel
 
     def gemv(bits, words, bm, bn, warps):
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
@@ -75,13 +73,7 @@ def _cases():
         return (_expand_kernel, lora_ptrs, dict(HAS_RESCALE=True, SPLITS=8, NUM_SLICES=slices, BLOCK_M=bm, BLOCK_N=bn,
                                                 BLOCK_R=16, PREC="tf32"), warps, 3, bn * 16 * 2)
 
-    def dense(bn, bk, warps, stages):  # bf16 weights: loop bytes are the W tile
-        return (_dense_gemv_kernel, dict(PTRS, w_ptr="*bf16"), dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT=True,
-                                                                    HAS_BIAS=False, PREC="tf32"), warps, stages,
-                bn * bk * 2)
-
     return {
-        "dense_gemv_n64_k128_w4": dense(64, 128, 4, 4),
         "lora_shrink_m16_r16": shrink(16, 16), "lora_shrink_m16_r64": shrink(16, 64),
         "lora_shrink_m64_r64": shrink(64, 64),
         "lora_expand_m16_n128_s1_w4": expand(16, 128, 1, 4), "lora_expand_m16_n128_s3_w4": expand(16, 128, 3, 4),

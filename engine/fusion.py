@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from engine.kernels.activation import silu_and_mul
-from engine.kernels.dense_gemv import dense_gemv_enabled, to_gemv_linear
 from engine.kernels.rmsnorm import rmsnorm
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
 from engine.quant import QuantLinear
@@ -150,10 +149,4 @@ def fuse_model(model: nn.Module) -> nn.Module:
         stack.layers[i] = FusedDecoderLayer(layer)
     if isinstance(stack.norm, RMSNorm):
         stack.norm = FusedRMSNorm(stack.norm)
-    if dense_gemv_enabled():  # small-M dense projections through the split-K kernel
-        for layer in stack.layers:
-            for proj in ("qkv_proj", "o_proj"):
-                to_gemv_linear(getattr(layer.self_attn, proj, None))
-            for proj in ("gate_up_proj", "down_proj"):
-                to_gemv_linear(getattr(getattr(layer, "mlp", None), proj, None))
     return model.train(model.training)  # the new modules take the model's mode
