@@ -125,8 +125,16 @@ def _merge_kernel(
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, sm_count: int) -> int:
-    """Splits per sequence: enough programs for ~4 per SM, never splits shorter than MIN_SPLIT_TOKENS."""
+    """Splits per sequence: none once the launch has a program for every SM, else enough for ~4
+    programs an SM, never splits shorter than MIN_SPLIT_TOKENS.
+
+    The first rule is measured (benchmarks/NOTES.md): on an H200 at batch 32 and 64 (256 and 512
+    programs), contexts 512 to 8k, one split ran as fast or faster than the 2-3 that aiming at four
+    programs an SM gave, since the partials and the merge launch cost more than the extra parallelism.
+    """
     programs = num_seqs * num_kv_heads
+    if programs >= sm_count:
+        return 1
     want = triton.cdiv(4 * sm_count, max(programs, 1))
     by_len = triton.cdiv(max_context_len, MIN_SPLIT_TOKENS)
     return max(1, min(want, by_len, MAX_SPLITS))

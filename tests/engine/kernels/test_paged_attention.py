@@ -166,3 +166,17 @@ def test_dispatcher_gpu_decode_and_mixed():
         b = _batch("cuda", torch.float16, q_lens, ctx, 16, 4, 64, 16)
         out = paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, b.cu_seqlens_q, 0.125)
         assert_close_rel(out.float(), _expected(b, 0.125), TOL[torch.float16])
+
+
+def test_decode_split_count_rule():
+    pytest.importorskip("triton")
+    from engine.kernels.paged_decode_triton import MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits
+
+    sms = 132
+    # A launch with a program per SM already runs unsplit, however long the contexts.
+    assert choose_num_splits(32, 8, 8192, sms) == 1 and choose_num_splits(17, 8, 32768, sms) == 1
+    # Small launches split long contexts to reach ~4 programs an SM ...
+    assert choose_num_splits(1, 8, 8192, sms) == min(-(-4 * sms // 8), 8192 // MIN_SPLIT_TOKENS, MAX_SPLITS)
+    assert choose_num_splits(8, 8, 8192, sms) == -(-4 * sms // 64)
+    # ... but never into pieces shorter than MIN_SPLIT_TOKENS.
+    assert choose_num_splits(1, 8, 300, sms) == 2 and choose_num_splits(1, 8, 100, sms) == 1
