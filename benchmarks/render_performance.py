@@ -121,6 +121,13 @@ def render_kernels(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_kernels_attention(d: dict) -> str:
+    """The paged-decode table of an attention-only run (`bench_kernels.py --only attention`)."""
+    return render_kernels(d).replace(
+        "\n| K x N | M | cuBLAS bf16 us | int8 us (speed-up) | int4 us (speed-up) | torch int4 us (speed-up) |"
+        "\n|---|---|---|---|---|---|\n", "")
+
+
 def render_train(d: dict) -> str:
     return "\n".join([
         f"Run {d['date']}, commit `{d.get('commit') or '?'}`, {d['gpu']}, torch {d['torch']}. Command: "
@@ -165,6 +172,8 @@ def newest(results: Path) -> dict[str, dict]:
         shape = d.get("settings", {}).get("shape", "")
         if kind == "multi_lora" and shape not in ("", "llama-1b"):  # one table per model shape
             kind = f"multi_lora_{shape.rsplit('-', 1)[-1]}"
+        if kind == "kernels" and not d.get("quant_matmul"):  # an attention-only run has its own table
+            kind = "kernels_attention"
         if kind and (kind not in found or d.get("date", "") > found[kind].get("date", "")):
             found[kind] = d
     return found
@@ -172,7 +181,8 @@ def newest(results: Path) -> dict[str, dict]:
 
 def render(doc: str, docs: dict[str, dict]) -> str:
     blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
-              "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora}
+              "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora,
+              "kernels_attention": render_kernels_attention}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)
