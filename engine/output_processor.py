@@ -93,6 +93,8 @@ class _Group:
 
     @property
     def finished(self) -> bool:
+        if len(self.requests) == 1:  # one choice (n = 1): read it directly
+            return self.choices[self.requests[0].request_id].finish_reason is not None
         return all(c.finish_reason is not None for c in self.choices.values())
 
     def metrics(self) -> RequestMetrics:
@@ -199,7 +201,8 @@ class OutputProcessor:
             request_id=group_id,
             prompt_token_ids=group.requests[0].prompt_token_ids,
             prompt_logprobs=prompt_lp,
-            outputs=[c.delta() for c in sorted(choices, key=lambda c: c.request.index)],
+            outputs=[choices[0].delta()] if len(choices) == 1 else
+            [c.delta() for c in sorted(choices, key=lambda c: c.request.index)],
             finished=group.finished,
             metrics=group.metrics(),
         )
