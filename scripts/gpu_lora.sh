@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a CUDA machine (about 5 minutes on an H200): multi-LoRA serving's GPU tests, then its throughput
+# benchmark on the 1B and 8B shapes (1, 8 and 32 distinct rank-16 adapters against the base model).
+# Copy OUTDIR/multi_lora_{1b,8b}.json to benchmarks/results/multi-lora-h200.json and
+# multi-lora-8b-h200.json, then run `python benchmarks/render_performance.py`.
+# Usage: scripts/gpu_lora.sh OUTDIR
+set -uo pipefail
+out=${1:-out/lora}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
+  tests/engine/test_lora_serving.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
+timeout 140 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --json-out "$out/multi_lora_1b.json" \
+  2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b.txt"
+timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --repeats 2 \
+  --json-out "$out/multi_lora_8b.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_8b.txt"
