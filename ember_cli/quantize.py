@@ -5,7 +5,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="quantize a checkpoint's linear layers to int8 or int4 (round to nearest)")
+    p = sub.add_parser("quantize", help="quantize a checkpoint's linear layers to int8 or int4 "
+                                        "(round to nearest, or GPTQ with --calib)")
     p.add_argument("--model", required=True, help="input checkpoint directory (Hugging Face layout)")
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint")
     p.add_argument("--bits", type=int, required=True, choices=[4, 8])
@@ -14,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="dtype of scales and unquantized layers (default: the checkpoint's)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too (not possible when it shares the embedding)")
+    p.add_argument("--calib", default=None, metavar="TEXT_FILE",
+                   help="choose the codes with GPTQ, calibrated on windows of this text (default: round to nearest)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (GPTQ)")
+    p.add_argument("--device", default="cpu", help="where GPTQ runs the model and its solves, e.g. cuda")
     p.set_defaults(func=run_quantize)
 
 
@@ -21,6 +27,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     from engine.quant import quantize_checkpoint
 
     skip = () if args.quantize_lm_head else ("lm_head",)
-    out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.dtype, skip)
-    print(f"wrote {args.bits}-bit checkpoint to {out}")
+    if args.calib_samples < 1 or args.calib_seq_len < 2:
+        raise SystemExit("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.dtype, skip,
+                              calibration_text=args.calib, calibration_samples=args.calib_samples,
+                              calibration_seq_len=args.calib_seq_len, device=args.device)
+    print(f"wrote {args.bits}-bit checkpoint ({'GPTQ' if args.calib else 'round to nearest'}) to {out}")
     return 0

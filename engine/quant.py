@@ -8,7 +8,8 @@ A quantized layer's state dict holds
     <name>.scales    [out] (8-bit, per output channel) or [out, in/group_size] (4-bit), model dtype
     <name>.bias      unchanged, when the layer has one
 
-with the code layouts documented in engine/kernels/quant_matmul.py (symmetric round-to-nearest).
+with the code layouts documented in engine/kernels/quant_matmul.py (symmetric; codes chosen by
+round-to-nearest, or by GPTQ against a calibration text: engine/gptq.py).
 A quantized checkpoint is a normal Hugging Face directory whose config.json carries
 
     "quantization_config": {
@@ -16,7 +17,8 @@ A quantized checkpoint is a normal Hugging Face directory whose config.json carr
         "bits": 4,                      # 4 or 8
         "group_size": 128,              # 32, 64 or 128 for 4-bit; null for 8-bit (per channel)
         "symmetric": true,              # codes stand for c - 8 (4-bit) or c (8-bit), no zero points
-        "modules_to_not_convert": ["lm_head"]   # left in floating point (names or name suffixes)
+        "modules_to_not_convert": ["lm_head"],  # left in floating point (names or name suffixes)
+        "algorithm": "rtn"              # how the codes were chosen ("rtn" or "gptq"); informational
     }
 
 engine/checkpoint.load_model calls apply_quantization(model, config) on the empty model before
@@ -110,32 +112,83 @@ def _skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
-def _swap(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
-    """Replace every convertible nn.Linear in place; layers whose width does not fit join `skip`."""
-    converted = []
-    for name, module in list(model.named_modules()):
+def _convertible(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
+    """Names of the nn.Linear layers to convert; layers whose width does not fit the groups join `skip`."""
+    names = []
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or _skipped(name, skip):
             continue
         if bits == 4 and module.in_features % group_size:
             skip.append(name)
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear.from_linear(module, bits, group_size))
-        converted.append(name)
-    return converted
+        names.append(name)
+    return names
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+
+
+def _swap(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
+    """Replace every convertible nn.Linear in place (round to nearest); returns the converted names."""
+    names = _convertible(model, bits, group_size, skip)
+    for name in names:
+        _replace(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
+    return names
+
+
+GPTQ_HESSIAN_BYTES = 2 << 30  # input statistics gathered per calibration pass (layers are done in groups)
+
+
+def _swap_gptq(model: nn.Module, bits: int, group_size: int | None, skip: list[str],
+               batches: list[torch.Tensor]) -> list[str]:
+    """As _swap, with GPTQ codes from the calibration batches (engine/gptq.py)."""
+    from engine.gptq import gptq_quantize, input_hessians
+
+    names = _convertible(model, bits, group_size, skip)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:  # as many layers a pass as their [K, K] statistics allow
+        size = model.get_submodule(name).in_features ** 2 * 4
+        if groups[-1] and used + size > GPTQ_HESSIAN_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    for group in groups:
+        hessians = input_hessians(model, group, batches)
+        for name in group:
+            linear = model.get_submodule(name)
+            w = linear.weight.detach()
+            q, s = gptq_quantize(w, hessians.pop(name), bits, group_size, w.dtype)
+            layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                                dtype=w.dtype, device=w.device)
+            layer.qweight.copy_(q)
+            layer.scales.copy_(s)
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach())
+            _replace(model, name, layer)
+    return names
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
-                   modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP) -> dict[str, Any]:
-    """Quantize `model`'s linear layers in place (round to nearest); returns its quantization_config."""
+                   modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
+                   calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Quantize `model`'s linear layers in place; returns its quantization_config.
+
+    Round to nearest, or GPTQ when `calibration` (token-id batches [B, T] on the model's device) is given.
+    """
     group_size = group_size if bits == 4 else None
     _check_scheme(bits, group_size)
     skip = list(modules_to_not_convert)
     with torch.no_grad():
-        _swap(model, bits, group_size, skip)
+        if calibration:
+            _swap_gptq(model, bits, group_size, skip, calibration)
+        else:
+            _swap(model, bits, group_size, skip)
     return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "symmetric": True,
-            "modules_to_not_convert": skip}
+            "modules_to_not_convert": skip, "algorithm": "gptq" if calibration else "rtn"}
 
 
 def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) -> list[str]:
@@ -154,18 +207,45 @@ def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) ->
     return _swap(model, bits, group_size, skip)
 
 
+def calibration_batches(model_dir: str | os.PathLike, text_path: str | os.PathLike, samples: int, seq_len: int,
+                        batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """`samples` random windows of `seq_len` tokens from a text file, tokenized with the model's tokenizer."""
+    from engine.tokenizer import Tokenizer
+
+    path = Path(text_path)
+    if not path.is_file():
+        raise ValueError(f"calibration text {path} not found")
+    ids = Tokenizer.from_dir(model_dir).encode(path.read_text(encoding="utf-8"), add_bos=False)
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"calibration text {path} has {len(ids)} tokens; at least {seq_len + 1} are needed "
+                         "(lower --calib-seq-len or give a longer text)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=gen).tolist()
+    rows = torch.tensor([ids[s:s + seq_len] for s in starts])
+    return list(rows.split(batch_size))
+
+
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int,
                         group_size: int | None = 128, dtype: str | torch.dtype | None = None,
-                        modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP) -> Path:
-    """Read a floating-point checkpoint, quantize it, write a quantized checkpoint (tokenizer included)."""
+                        modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
+                        calibration_text: str | os.PathLike | None = None, calibration_samples: int = 128,
+                        calibration_seq_len: int = 512, device: str = "cpu") -> Path:
+    """Read a floating-point checkpoint, quantize it (round to nearest, or GPTQ with a calibration text),
+    write a quantized checkpoint (tokenizer included)."""
     from engine.checkpoint import load_config, load_model, save_model
 
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise ValueError("--out must differ from --model")
     if load_config(model_dir).tie_word_embeddings and bits in (4, 8):
         modules_to_not_convert = tuple(set(modules_to_not_convert) | {"lm_head"})  # shared with the embedding
-    model, config = load_model(model_dir, dtype=dtype)
+    calibration = None
+    if calibration_text is not None:
+        seq_len = min(calibration_seq_len, load_config(model_dir).max_position_embeddings)
+        calibration = [b.to(device) for b in calibration_batches(model_dir, calibration_text, calibration_samples,
+                                                                 seq_len)]
+    model, config = load_model(model_dir, dtype=dtype, device=device)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError(f"{model_dir} is already quantized")
-    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert)
-    return save_model(model, config, out_dir, tokenizer_dir=model_dir, extra_config={"quantization_config": qcfg})
+    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert, calibration)
+    return save_model(model.cpu(), config, out_dir, tokenizer_dir=model_dir,
+                      extra_config={"quantization_config": qcfg})

@@ -63,10 +63,16 @@ def quantize_int4(
     wg = w.float().reshape(n, k // group_size, group_size)
     scales = (wg.abs().amax(dim=-1).clamp(min=1e-8) / 7.0).to(scale_dtype)  # [N, K/G]
     codes = (torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8)  # [N, K/G, G]
+    return pack_int4(codes.reshape(n, k), group_size), scales
+
+
+def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes uint8 [N, K] in 0..15 (column order) -> the packed qweight uint8 [N, K/2] described above."""
+    n, k = codes.shape
     # Column i*(G/8) + w of a group -> nibble i of word w; byte j of a word = nibbles 2j, 2j + 1.
     planes = codes.reshape(n, k // group_size, 8, group_size // 8)  # [N, K/G, i, w]
     packed = planes[:, :, 0::2, :] | (planes[:, :, 1::2, :] << 4)  # [N, K/G, j, w]
-    return packed.transpose(-1, -2).reshape(n, k // 2).contiguous(), scales
+    return packed.transpose(-1, -2).reshape(n, k // 2).contiguous()
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_quantize_model_keeps_names_and_documented_keys():
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = quantize_model(model, 4, 32, modules_to_not_convert=["3"])
     assert qcfg == {"quant_method": "ember", "bits": 4, "group_size": 32, "symmetric": True,
-                    "modules_to_not_convert": ["3"]}
+                    "modules_to_not_convert": ["3"], "algorithm": "rtn"}
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert isinstance(model[3], nn.Linear)  # skipped by name
     keys = set(model.state_dict())
