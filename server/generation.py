@@ -18,10 +18,11 @@ _END = object()
 
 
 async def _follow(engine: Any, prompt: list[int], params: Any, request_id: str,
-                  tracker: GenerationTracker, adapter: str | None) -> AsyncIterator[Any]:
+                  tracker: GenerationTracker, adapter: str | None, priority: int = 0) -> AsyncIterator[Any]:
     """One engine request's outputs, with its tracker kept up to date."""
     try:
-        async with aclosing(engine.generate(prompt, params, request_id=request_id, lora=adapter)) as outputs:
+        async with aclosing(engine.generate(prompt, params, request_id=request_id, priority=priority,
+                                            lora=adapter)) as outputs:
             async for out in outputs:
                 tracker.observe(out)
                 yield out
@@ -113,9 +114,9 @@ EngineRun = SingleRun | MergedRun
 
 
 def start_run(engine: Any, prompts: list[list[int]], params: Any, request_id: str,
-              trackers: list[GenerationTracker], adapter: str | None = None) -> EngineRun:
+              trackers: list[GenerationTracker], adapter: str | None = None, priority: int = 0) -> EngineRun:
     """Hand every prompt to the engine now; iterate the result for `(prompt_index, RequestOutput)`."""
     if len(prompts) == 1:
-        return SingleRun(_follow(engine, prompts[0], params, request_id, trackers[0], adapter))
-    return MergedRun([_follow(engine, p, params, f"{request_id}-{i}", trackers[i], adapter)
+        return SingleRun(_follow(engine, prompts[0], params, request_id, trackers[0], adapter, priority))
+    return MergedRun([_follow(engine, p, params, f"{request_id}-{i}", trackers[i], adapter, priority)
                       for i, p in enumerate(prompts)])

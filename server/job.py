@@ -40,6 +40,7 @@ class Job:
     prompts: list[list[int]]
     params: Any  # engine SamplingParams
     record: RequestRecord
+    priority: int = 0  # engine scheduling priority (lower first)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -59,7 +60,7 @@ class Job:
         """Hand every prompt to the engine; iterate the result for `(prompt_index, RequestOutput delta)`."""
         trackers = [GenerationTracker(self.state.metrics, self.record, len(p)) for p in self.prompts]
         return start_run(self.state.engine, self.prompts, self.params, self.request_id, trackers,
-                         self.target.adapter)
+                         self.target.adapter, self.priority)
 
     async def collect(self) -> list[Any]:
         """Run to completion; the cumulative RequestOutput of each prompt, in prompt order."""

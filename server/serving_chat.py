@@ -68,7 +68,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, request: Reques
     params = sampling_params(req, limits, max_tokens, top)
     request_id = new_id("chatcmpl")
     user = req.user or req.safety_identifier
-    job = Job(state, target, request_id, [prompt], params, new_record(state, request, target, request_id, user))
+    job = Job(state, target, request_id, [prompt], params, new_record(state, request, target, request_id, user),
+              priority=req.priority)
     opts = req.stream_options
     return job, ChatSpec(top_logprobs=top, include_usage=bool(opts and opts.include_usage),
                          continuous_usage=bool(opts and opts.continuous_usage_stats))

@@ -69,7 +69,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request: Requ
     if req.echo and texts is None:
         texts = [engine.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) for ids in prompts]
     request_id = new_id("cmpl")
-    job = Job(state, target, request_id, prompts, params, new_record(state, request, target, request_id, req.user))
+    job = Job(state, target, request_id, prompts, params, new_record(state, request, target, request_id, req.user),
+              priority=req.priority)
     opts = req.stream_options
     spec = CompletionSpec(echo_texts=texts if req.echo else None, logprobs=req.logprobs,
                           include_usage=bool(opts and opts.include_usage),

@@ -61,6 +61,9 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
+                          description="scheduling priority: lower runs first, and a waiting request may "
+                                      "preempt running ones of a higher value (default 0)")
 
 
 class UsageInfo(ResponseModel):

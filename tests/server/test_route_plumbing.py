@@ -1,4 +1,4 @@
-"""Prompt tokenization runs in a worker thread, never on the event loop that streams every response."""
+"""Route plumbing: prompts are tokenized off the event loop; the `priority` extra reaches the engine."""
 from __future__ import annotations
 
 import asyncio
@@ -43,3 +43,29 @@ def test_prompts_are_tokenized_off_the_event_loop(tiny_model):
         finally:
             tok.encode, tok.apply_chat_template = real_encode, real_template
         assert len(on_loop) >= 3 and not any(on_loop), on_loop
+
+
+def test_priority_reaches_the_engine_and_is_validated(tiny_model):
+    with running_server(tiny_model) as srv:
+        engine = srv.app.state.ember.engine
+        seen: list[int] = []
+        real_generate = engine.generate
+
+        def generate(*args, priority=0, **kwargs):
+            seen.append(priority)
+            return real_generate(*args, priority=priority, **kwargs)
+
+        engine.generate = generate
+        try:
+            for path, body in [("/v1/completions", {"prompt": "once", "priority": -3}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                         "priority": 7}),
+                               ("/v1/completions", {"prompt": "once"})]:
+                r = httpx.post(srv.url + path, timeout=60, json={"model": "tiny", "max_tokens": 2, **body})
+                assert r.status_code == 200, r.text
+            bad = httpx.post(srv.url + "/v1/completions", timeout=60,
+                             json={"model": "tiny", "prompt": "x", "priority": 2**40})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+        finally:
+            engine.generate = real_generate
+        assert seen == [-3, 7, 0]
