@@ -215,6 +215,32 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     assert len(run_to_completion(engine)["fine"].outputs[0].token_ids) == 5
 
 
+def test_an_urgent_request_preempts_and_the_preempted_one_resumes_exactly(model_dir):
+    eng = make_engine(model_dir, kv_cache_tokens=64 * 16, max_num_batched_tokens=512, max_num_seqs=1)
+    rng = random.Random(7)
+    slow, urgent = [rng.randrange(3, 512) for _ in range(40)], [rng.randrange(3, 512) for _ in range(30)]
+    acc: dict = {}
+    finished: list[str] = []
+
+    def step():
+        for out in eng.step():
+            acc.setdefault(out.request_id, RequestOutputAccumulator()).add(out)
+            if out.finished:
+                finished.append(out.request_id)
+
+    eng.add_request("background", slow, SamplingParams(max_tokens=24, **GREEDY), priority=5)
+    for _ in range(4):  # the background request is decoding in the only sequence slot
+        step()
+    eng.add_request("urgent", urgent, SamplingParams(max_tokens=6, **GREEDY), priority=0)
+    while eng.has_unfinished():
+        step()
+    assert finished == ["urgent", "background"]  # the urgent request took the slot at once
+    assert eng.stats().num_preemptions == 1
+    # Both outputs equal uninterrupted greedy runs: the preempted request resumed where it stopped.
+    for rid, prompt, n in [("urgent", urgent, 6), ("background", slow, 24)]:
+        assert acc[rid].result.outputs[0].token_ids == generate_reference(eng.model, prompt, n, ignore_eos=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engine_equals_the_reference(model_dir):
