@@ -187,7 +187,7 @@ class Scheduler:
             return
         head = self.waiting[0]
         victims = [r for r in reversed(self.running) if r.priority > head.priority]
-        if not victims:
+        if not victims or not self._adapter_fits(head):  # a head waiting for an adapter slot would not start
             return
         first_chunk = min(head.num_tokens, self.max_num_batched_tokens)
         need = self.kv.num_blocks_needed(head.request_id, first_chunk)

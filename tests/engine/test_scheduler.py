@@ -208,3 +208,17 @@ def test_an_urgent_arrival_preempts_for_kv_blocks_only_when_that_makes_room():
     while sched.has_unfinished():  # everyone finishes, the preempted request by recompute
         run_step(sched)
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_no_priority_preemption_for_a_request_waiting_on_an_adapter_slot():
+    kv = KVCacheManager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(kv, max_num_seqs=1, max_num_batched_tokens=32, adapter_fit=lambda active: len(active) <= 1)
+    running = make_request("bg", 4, max_tokens=20, priority=5)
+    running.adapter = ("a", 1)
+    sched.add(running)
+    run_step(sched)
+    urgent = make_request("urgent", 4, max_tokens=2, priority=0, first_token=2000)
+    urgent.adapter = ("b", 1)  # a second adapter: no slot while "bg" runs with "a"
+    sched.add(urgent)
+    out = run_step(sched)
+    assert out.preempted == () and set(counts(out)) == {"bg"}
