@@ -57,40 +57,6 @@ def paged_attention_ref(
     return out
 
 
-def paged_decode_attention_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Decode (one query per sequence) for every sequence at once: the torch path off the GPU.
-
-    Same result as paged_attention_ref, without its per-sequence loop: the sequences' blocks are
-    gathered into one padded [S, L, Hkv, D] tensor and positions past each context are masked
-    (their values zeroed too, so whatever stale data the cache holds there cannot leak in).
-    """
-    num_seqs, hq, d = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    ctx = context_lens.long()
-    max_len = int(ctx.max()) if num_seqs else 0
-    if max_len <= 0:
-        return torch.zeros_like(q)
-    n_blocks = -(-max_len // block_size)
-    blocks = block_tables[:, :n_blocks].long()
-    k = k_cache[blocks].reshape(num_seqs, n_blocks * block_size, hkv, d)[:, :max_len].float()  # [S, L, Hkv, D]
-    v = v_cache[blocks].reshape(num_seqs, n_blocks * block_size, hkv, d)[:, :max_len].float()
-    visible = torch.arange(max_len, device=q.device)[None, :] < ctx[:, None]  # [S, L]
-    v = v.masked_fill(~visible[:, :, None, None], 0.0)
-    qs = q.float().view(num_seqs, hkv, hq // hkv, d)
-    scores = torch.einsum("shgd,slhd->shgl", qs, k) * scale
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty (padding) sequences: all -inf -> 0
-    out = torch.einsum("shgl,slhd->shgd", probs, v)
-    return out.reshape(num_seqs, hq, d).to(q.dtype)
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -112,8 +78,6 @@ def paged_attention(
     max_context_len None under CUDA graphs (the block table's capacity is used instead).
     """
     if not use_triton(q, k_cache):
-        if q.shape[0] == context_lens.shape[0]:  # pure decode: all sequences in one batched pass
-            return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
         return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
     if q.shape[0] == context_lens.shape[0]:
         from engine.kernels.paged_decode_triton import paged_decode_attention_triton

@@ -180,20 +180,3 @@ def test_decode_split_count_rule():
     assert choose_num_splits(8, 8, 8192, sms) == -(-4 * sms // 64)
     # ... but never into pieces shorter than MIN_SPLIT_TOKENS.
     assert choose_num_splits(1, 8, 300, sms) == 2 and choose_num_splits(1, 8, 100, sms) == 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_torch_decode_equals_the_reference(dtype):
-    from engine.kernels.paged_attention import paged_decode_attention_torch
-
-    # GQA, uneven contexts over a NaN-poisoned, shuffled cache, and one empty padding sequence.
-    ctx = [1, 17, 64, 5, 33]
-    b = make_paged_batch([1] * len(ctx), ctx, 8, 2, 16, 4, dtype, "cpu")
-    scale = 0.25
-    got = paged_decode_attention_torch(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, scale)
-    want = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, b.cu_seqlens_q, scale)
-    assert_close_rel(got.float(), want.float(), 1e-5 if dtype == torch.float32 else 1e-2)
-    padded_ctx = b.context_lens.clone()
-    padded_ctx[2] = 0  # a padding row attends to nothing and must come out as zeros
-    got = paged_decode_attention_torch(b.q, b.k_cache, b.v_cache, b.block_tables, padded_ctx, scale)
-    assert torch.isfinite(got).all() and (got[2] == 0).all()
