@@ -165,7 +165,7 @@ class KVCacheManager:
     def num_blocks_needed(self, request_id: str, num_tokens: int, cached: Sequence[int] = ()) -> int:
         """Free blocks an `allocate(request_id, num_tokens, cached)` call would consume."""
         have = len(self.tables.get(request_id, ())) + len(cached)
-        grow = max(0, -(-num_tokens // self.block_size) - have)
+        grow = max(0, self.blocks_for(num_tokens) - have)
         return grow + self.pool.num_evictable(cached) if cached else grow  # runs per request per step
 
     def can_allocate(self, request_id: str, num_tokens: int, cached: Sequence[int] = ()) -> bool:

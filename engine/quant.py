@@ -69,13 +69,17 @@ class QuantLinear(nn.Module):
             if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> "QuantLinear":
-        """Quantize a dense layer (round to nearest); scales take the layer's dtype."""
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
+                    codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> "QuantLinear":
+        """Quantize a dense layer; scales take the layer's dtype. `codes` (qweight, scales) chosen
+        elsewhere (GPTQ) are stored as given; by default they are rounded to nearest."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
                     dtype=w.dtype, device=w.device)
         if w.device.type != "meta":
-            q, s = quantize_int8(w, w.dtype) if bits == 8 else quantize_int4(w, group_size, w.dtype)
+            if codes is None:
+                codes = quantize_int8(w, w.dtype) if bits == 8 else quantize_int4(w, group_size, w.dtype)
+            q, s = codes
             layer.qweight.copy_(q)
             layer.scales.copy_(s)
             if linear.bias is not None:
@@ -160,15 +164,8 @@ def _swap_gptq(model: nn.Module, bits: int, group_size: int | None, skip: list[s
         hessians = input_hessians(model, group, batches)
         for name in group:
             linear = model.get_submodule(name)
-            w = linear.weight.detach()
-            q, s = gptq_quantize(w, hessians.pop(name), bits, group_size, w.dtype)
-            layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
-                                dtype=w.dtype, device=w.device)
-            layer.qweight.copy_(q)
-            layer.scales.copy_(s)
-            if linear.bias is not None:
-                layer.bias.data.copy_(linear.bias.detach())
-            _replace(model, name, layer)
+            codes = gptq_quantize(linear.weight, hessians.pop(name), bits, group_size, linear.weight.dtype)
+            _replace(model, name, QuantLinear.from_linear(linear, bits, group_size, codes))
     return names
 
 
@@ -236,11 +233,12 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
 
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise ValueError("--out must differ from --model")
-    if load_config(model_dir).tie_word_embeddings and bits in (4, 8):
+    source_config = load_config(model_dir)
+    if source_config.tie_word_embeddings and bits in (4, 8):
         modules_to_not_convert = tuple(set(modules_to_not_convert) | {"lm_head"})  # shared with the embedding
     calibration = None
     if calibration_text is not None:
-        seq_len = min(calibration_seq_len, load_config(model_dir).max_position_embeddings)
+        seq_len = min(calibration_seq_len, source_config.max_position_embeddings)
         calibration = [b.to(device) for b in calibration_batches(model_dir, calibration_text, calibration_samples,
                                                                  seq_len)]
     model, config = load_model(model_dir, dtype=dtype, device=device)
