@@ -118,11 +118,6 @@ def chunk_buckets(num_tokens: int, num_slots: int, smallest: int = 4) -> list[in
     return sizes + [cap]
 
 
-def count_chunks(token_slots: Sequence[int], block_m: int = SMALL_BLOCK_M) -> int:
-    """Chunks `build_segments` would form for these token slots."""
-    return sum(-(-len(rows) // block_m) for rows in _by_slot(token_slots).values())
-
-
 class StaticSegments:
     """Fixed-size segment buffers that CUDA graphs capture once and replay every decode step.
 
@@ -168,7 +163,7 @@ class StaticSegments:
         return k
 
 
-def _slice_spans(n_out: int, r: int, slices: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
+def slice_spans(n_out: int, r: int, slices: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
     """(first output row, end row, first rank column, end rank column) of each diagonal block of B."""
     starts = list(slices) if slices else [0]
     ends = starts[1:] + [n_out]
@@ -181,7 +176,7 @@ def lora_batched_ref(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: tor
                      slices: Sequence[int] | None = None) -> torch.Tensor:
     """Pure-torch batched LoRA, in place on y [N, N_out]; returns y. Math in fp32, one matmul pair per slot
     (and per slice of a packed layer)."""
-    spans = _slice_spans(y.shape[1], a.shape[1], slices)
+    spans = slice_spans(y.shape[1], a.shape[1], slices)
     groups = seg.groups or [  # static (CUDA-graph) segments keep no host copy: their non-empty chunks
         (s, st, n) for s, st, n in zip(*(t.tolist() for t in (seg.chunk_slot, seg.chunk_start, seg.chunk_len))) if n]
     for slot, start, count in groups:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import dot_precision, num_sms
-from engine.kernels.lora_batched import LoraSegments
+from engine.kernels.lora_batched import LoraSegments, slice_spans
 
 SHRINK_BLOCK_K = 128
 MAX_SPLITS = 8  # split-K partials the expand sums (unrolled): enough programs for decode, few registers
@@ -138,12 +138,12 @@ def expand_tile(n_out: int, num_chunks: int, block_m: int, sms: int) -> tuple[in
 
 
 def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int, int, int]:
-    """(rank per slice, start of slice 1, start of slice 2); absent slices start at n_out."""
-    if not slices or len(slices) == 1:
-        return r, n_out, n_out
-    assert len(slices) <= 3 and r % len(slices) == 0 and slices[0] == 0, f"unsupported slices {slices}"
-    starts = list(slices[1:]) + [n_out] * (3 - len(slices))
-    return r // len(slices), starts[0], starts[1]
+    """(rank per slice, start of slice 1, start of slice 2) of lora_batched's spans; absent slices start at n_out."""
+    assert not slices or len(slices) == 1 or (len(slices) <= 3 and r % len(slices) == 0 and slices[0] == 0), \
+        f"unsupported slices {slices}"
+    spans = slice_spans(n_out, r, slices)
+    starts = [lo for lo, _, _, _ in spans[1:]] + [n_out] * (3 - len(spans))
+    return spans[0][3] - spans[0][2], starts[0], starts[1]
 
 
 def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
