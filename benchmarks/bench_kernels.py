@@ -345,7 +345,8 @@ def write_tuned(tuned: dict, path: Path, device_name: str, commit: str) -> None:
 # Paged decode attention
 # ---------------------------------------------------------------------------------------------
 
-ATTN_SWEEP_CASES = ((32, 8192), (64, 8192), (64, 2048), (8, 8192))
+ATTN_SWEEP_CASES = ((32, 8192), (64, 8192), (64, 2048), (8, 8192), (64, 512), (32, 2048), (8, 2048),
+                    (1, 8192), (1, 2048))
 
 
 def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, copy_tbps, sweep,

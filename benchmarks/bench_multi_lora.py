@@ -15,6 +15,9 @@ time of each phase of Engine.step() averaged over all steps (`phase_ms_per_step`
 StepTimer), and on CUDA the GPU time of the last decode step's graph alone (`gpu_step_ms`: replayed
 on its inputs, CUDA events), so that step time splits into GPU and host.
 
+With --overlap-ab the largest count runs once more on an engine whose shrinks run after their base
+projections instead of beside them on a side stream (EMBER_LORA_OVERLAP=0), an A/B of that overlap.
+
 Two baselines: "base, LoRA off" is an engine without adapter support (its fastest path), and
 "base, LoRA on" is the adapter-enabled engine serving requests without an adapter (what enabling
 adapters costs before any is used). "LoRA off" runs twice, as the first and the last engine of
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", default="out/bench_multi_lora.json")
+    ap.add_argument("--overlap-ab", action="store_true",
+                    help="also run the largest adapter count with the shrinks in order (EMBER_LORA_OVERLAP=0)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
@@ -207,7 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             results.append(measure(engine, probes, names[:n], args, f"{n} adapters"))
         evictions = engine.adapters.evictions
-    del engine, model
+        del engine
+        if args.overlap_ab:  # the same adapters with each shrink after its base projection, not beside it
+            del model  # wrapped by the engine above: a fresh copy of the same weights
+            gc.collect()
+            torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+            model = build_model(args.shape, args.device, dtype, args.seed)
+            os.environ["EMBER_LORA_OVERLAP"] = "0"
+            try:
+                engine = Engine(EngineConfig(**engine_config), model=model, tokenizer=None, adapters=adapters)
+            finally:
+                del os.environ["EMBER_LORA_OVERLAP"]
+            for name in names[:max(counts)]:
+                engine.adapters.load(name, name)
+            results.append(measure(engine, Probes(engine), names[:max(counts)], args,
+                                   f"{max(counts)} adapters, shrink in order"))
+            del engine
+    del model
     gc.collect()
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 

@@ -60,7 +60,7 @@ def _cases():
                     scale_log2="fp32")
 
     def decode(bn, warps, stages):
-        return (_decode_kernel.fn, dec_ptrs, dict(GROUP=4, G_PAD=16, HEAD_DIM=128, D_PAD=128, PAGE=16, SPLIT=True,
+        return (_decode_kernel, dec_ptrs, dict(GROUP=4, G_PAD=16, HEAD_DIM=128, D_PAD=128, PAGE=16, SPLIT=True,
                                                   PREC="tf32", BLOCK_N=bn), warps, stages, bn * 128 * 2 * 2)
 
     lora_ptrs = dict(x_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", scale_ptr="*fp32",

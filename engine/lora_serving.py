@@ -9,10 +9,16 @@ the plain base layers.
 DoRA is served exactly: for a token of a DoRA adapter the layer computes m/||W + sBA||_row * (Wx + sBAx) + b;
 the per-row factor m/||W + sBA|| is computed once per adapter when its slot is filled and kept in a
 [slots, out] table (1 for LoRA slots); base tokens never see it.
+
+On CUDA the shrink (x A^T, which needs only x) runs on a side stream while the base projection runs
+on the main one; the expand joins them. In a decode graph the two become parallel branches, so the
+shrink's few microseconds hide behind the base GEMM instead of adding to every adapted projection.
+EMBER_LORA_OVERLAP=0 runs them one after the other (for comparison).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,11 +38,31 @@ class LoraBatch:
     has_dora: bool
 
 
+def _overlap_enabled() -> bool:
+    return os.environ.get("EMBER_LORA_OVERLAP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class LoraStepContext:
-    """What the adapter wrappers read during a forward: the step's LoraBatch, or None (base model only)."""
+    """What the adapter wrappers read during a forward: the step's LoraBatch, or None (base model only),
+    and the side stream the shrinks run on (CUDA only)."""
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
+        self.overlap = _overlap_enabled()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def side_stream(self, x: torch.Tensor) -> "torch.cuda.Stream | None":
+        """The stream a shrink over x may run on beside the base projection; None: run in order."""
+        if not (self.overlap and x.is_cuda):
+            return None
+        from engine.kernels._dispatch import use_triton
+
+        if not use_triton(x):
+            return None
+        stream = self._streams.get(x.device)
+        if stream is None:
+            stream = self._streams[x.device] = torch.cuda.Stream(x.device)
+        return stream
 
     @contextlib.contextmanager
     def use(self, batch: LoraBatch | None) -> Iterator[None]:
@@ -84,21 +110,39 @@ class ServingLoraLinear(nn.Module):
             return self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])  # [N, K]
         if not batch.has_dora:
-            y = self.base_layer(flat)  # [N, out], bias included
-            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, slices=self.kernel_slices)
+            y = self._base_plus_lora(flat, batch, self.base_layer, None)  # [N, out], bias included
         else:
             # DoRA rescales W x + s B A x, not the bias: add the bias after the kernel.
             bias = getattr(self.base_layer, "bias", None)
-            if isinstance(self.base_layer, nn.Linear):
-                y = F.linear(flat, self.base_layer.weight)
-            else:
-                y = self.base_layer(flat)
-                y = y - bias if bias is not None else y
-            add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, self.rescale,
-                     self.kernel_slices)
+            y = self._base_plus_lora(flat, batch, self._base_without_bias, self.rescale)
             if bias is not None:
                 y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _base_without_bias(self, flat: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(self.base_layer, nn.Linear):
+            return F.linear(flat, self.base_layer.weight)
+        y = self.base_layer(flat)
+        return y - bias if bias is not None else y
+
+    def _base_plus_lora(self, flat: torch.Tensor, batch: LoraBatch, base, rescale) -> torch.Tensor:
+        """base(flat) plus each token's adapter update (then * rescale); the shrink beside the base on CUDA."""
+        stream = self.context.side_stream(flat)
+        if stream is None:
+            y = base(flat)
+            return add_lora(y, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, rescale,
+                            self.kernel_slices)
+        from engine.kernels.lora_batched_triton import lora_expand_triton, lora_shrink_triton, shrink_partials
+
+        main = torch.cuda.current_stream(flat.device)
+        part = shrink_partials(flat, batch.segments, self.lora_a)  # owned by the main stream
+        stream.wait_stream(main)  # x (and the step's segments) are ready
+        with torch.cuda.stream(stream):
+            lora_shrink_triton(flat, batch.segments, self.lora_a, part)
+        y = base(flat)
+        main.wait_stream(stream)
+        return lora_expand_triton(y, part, batch.segments, self.lora_b, self.scaling, rescale, self.kernel_slices)
 
     @torch.no_grad()
     def fill_slot(self, slot: int, parts: list) -> None:

@@ -9,8 +9,8 @@ out=${1:-out/lora}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
-  tests/engine/test_lora_serving.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
-timeout 140 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --json-out "$out/multi_lora_1b.json" \
+  tests/engine/test_lora_serving.py tests/engine/kernels/test_paged_attention.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
+timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --overlap-ab --json-out "$out/multi_lora_1b.json" \
   2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b.txt"
 timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --repeats 2 \
   --json-out "$out/multi_lora_8b.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_8b.txt"

@@ -146,35 +146,60 @@ def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int
     return spans[0][3] - spans[0][2], starts[0], starts[1]
 
 
-def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
-                        scaling: torch.Tensor, rescale: torch.Tensor | None = None,
-                        slices: Sequence[int] | None = None) -> torch.Tensor:
-    """In place on y [N, N_out]; returns y. See lora_batched.add_lora for the shapes and `slices`."""
-    n_out, k = y.shape[1], x.shape[1]
-    r = a.shape[1]
-    assert x.stride(1) == 1 and y.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1
-    assert a.dtype == b.dtype == x.dtype, "adapter stacks must be in the activation dtype"
-    assert scaling.dtype == torch.float32 and (rescale is None or rescale.dtype == torch.float32)
-    num_rows, num_chunks = seg.num_rows, seg.num_chunks
+def shrink_partials(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for the shrink's partials of x A^T: fp32 [splits, rows, BLOCK_R]."""
+    splits, _ = split_k(x.shape[1], seg.num_chunks, num_sms(x.device))
+    return torch.empty(splits, seg.num_rows, max(16, triton.next_power_of_2(a.shape[1])), device=x.device,
+                       dtype=torch.float32)
+
+
+def lora_shrink_triton(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor,
+                       part: torch.Tensor | None = None) -> torch.Tensor:
+    """The shrink alone: fills (and returns) `part` (shrink_partials' buffer, made here if None).
+
+    Only x and A are read, so it may run on a side stream beside the base projection; allocating
+    `part` on the main stream first keeps its memory owned by that stream (lora_serving.py).
+    """
+    k, r = x.shape[1], a.shape[1]
+    assert x.stride(1) == 1 and a.stride(2) == 1 and a.dtype == x.dtype
+    num_chunks = seg.num_chunks
     block_r = max(16, triton.next_power_of_2(r))
-    prec = dot_precision(x.dtype)
-    sms = num_sms(x.device)
-    splits, per_split = split_k(k, num_chunks, sms)
-    part = torch.empty(splits, num_rows, block_r, device=x.device, dtype=torch.float32)
+    splits, per_split = split_k(k, num_chunks, num_sms(x.device))
+    part = shrink_partials(x, seg, a) if part is None else part
+    assert part.shape == (splits, seg.num_rows, block_r) and part.dtype == torch.float32
     _shrink_kernel[(num_chunks, splits)](
         x, a, part, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
         k, r, per_split,
         x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
-        BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, PREC=prec, num_warps=4,
+        BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, PREC=dot_precision(x.dtype), num_warps=4,
     )
+    return part
+
+
+def lora_expand_triton(y: torch.Tensor, part: torch.Tensor, seg: LoraSegments, b: torch.Tensor,
+                       scaling: torch.Tensor, rescale: torch.Tensor | None = None,
+                       slices: Sequence[int] | None = None) -> torch.Tensor:
+    """The expand alone, in place on y [N, N_out]: y += s * (sum of the shrink's partials) B^T (then * rescale)."""
+    n_out, r = y.shape[1], b.shape[2]
+    assert y.stride(1) == 1 and b.stride(2) == 1 and b.dtype == y.dtype
+    assert scaling.dtype == torch.float32 and (rescale is None or rescale.dtype == torch.float32)
     slice_rank, off1, off2 = _slice_bounds(n_out, r, slices)
-    block_n, warps = expand_tile(n_out, num_chunks, seg.block_m, sms)
+    block_n, warps = expand_tile(n_out, seg.num_chunks, seg.block_m, num_sms(y.device))
     g = rescale if rescale is not None else scaling  # unused pointer when there is no rescale
-    _expand_kernel[(num_chunks, triton.cdiv(n_out, block_n))](
+    _expand_kernel[(seg.num_chunks, triton.cdiv(n_out, block_n))](
         part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
         n_out, slice_rank, off1, off2,
         part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
-        HAS_RESCALE=rescale is not None, SPLITS=splits, NUM_SLICES=len(slices) if slices else 1, BLOCK_M=seg.block_m,
-        BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(slice_rank)), PREC=prec, num_warps=warps,
+        HAS_RESCALE=rescale is not None, SPLITS=part.shape[0], NUM_SLICES=len(slices) if slices else 1,
+        BLOCK_M=seg.block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(slice_rank)),
+        PREC=dot_precision(y.dtype), num_warps=warps,
     )
     return y
+
+
+def lora_batched_triton(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
+                        scaling: torch.Tensor, rescale: torch.Tensor | None = None,
+                        slices: Sequence[int] | None = None) -> torch.Tensor:
+    """In place on y [N, N_out]; returns y. See lora_batched.add_lora for the shapes and `slices`."""
+    assert a.dtype == b.dtype == x.dtype, "adapter stacks must be in the activation dtype"
+    return lora_expand_triton(y, lora_shrink_triton(x, seg, a), seg, b, scaling, rescale, slices)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import LOG2E, dot_precision, num_sms, pick_configs
+from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pick_configs
 
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
 # autotuned tile size divides a split.
@@ -21,6 +21,8 @@ SPLIT_ALIGN = 128
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 
+# Launch configurations a sweep times (benchmarks/bench_kernels.py --sweep); the kernel itself runs
+# the measured table below, not Triton's autotuner.
 _CONFIGS = pick_configs([
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -30,22 +32,36 @@ _CONFIGS = pick_configs([
 ])
 CONFIG_NAMES = ("BLOCK_N", "num_warps", "num_stages")
 
+# Measured winners by launch size (work_bucket): the H200 sweep (benchmarks/NOTES.md) found
+# BLOCK_N 64 / 4 warps / 3 stages fastest or within 1% of the fastest at 8 x 8k, 32 x 8k, 64 x 2k
+# and 64 x 8k, while the autotuner, keyed without the context length and tuned on the short
+# contexts of a warm-up, kept configurations up to 25% slower for the long ones.
+DECODE_CONFIGS: dict[int, dict] = {
+    0: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # under one wave of programs
+    1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # up to four waves
+    2: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # more
+}
+
 
 def work_bucket(programs: int, sm_count: int) -> int:
-    """Coarse size of a launch for the autotune key: under one wave, up to four, more.
-
-    The winner for a few long programs need not win for thousands of short ones; every bucket
-    is tuned on its first call (eager warm-ups before CUDA-graph capture cover them).
-    """
+    """Coarse size of a launch: under one wave of programs, up to four, more."""
     return 0 if programs < sm_count else (1 if programs <= 4 * sm_count else 2)
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "G_PAD", "PAGE", "SPLIT", "work"])
+def decode_config(programs: int, sm_count: int) -> dict:
+    """The launch configuration for a decode launch of `programs` programs (the interpreter takes
+    the sweep list's first, as elsewhere)."""
+    if INTERPRET:
+        c = _CONFIGS[0]
+        return {"BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return DECODE_CONFIGS[work_bucket(programs, sm_count)]
+
+
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, split_len, work,
+    scale_log2, split_len,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -158,7 +174,7 @@ def paged_decode_attention_triton(
     (any value gives correct results); without it the block table's capacity is used.
     num_splits overrides the heuristic (tests and benchmarks); `out` is an optional preallocated
     output (every element is written). `config` ({"BLOCK_N", "num_warps", "num_stages"})
-    bypasses the autotuner (benchmark sweeps).
+    replaces the measured table's choice (benchmark sweeps).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -183,15 +199,16 @@ def paged_decode_attention_triton(
         part_out = part_lse = out  # unused
     d_pad = triton.next_power_of_2(head_dim)
     grid = (num_seqs, num_kv_heads, num_splits)
-    kernel = _decode_kernel if config is None else _decode_kernel.fn
-    kernel[grid](
+    if config is None:
+        config = decode_config(num_seqs * num_kv_heads * num_splits, num_sms(q.device))
+    _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
-        scale * LOG2E, split_len if split else 2**30, work_bucket(num_seqs * num_kv_heads * num_splits, num_sms(q.device)),
+        scale * LOG2E, split_len if split else 2**30,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **(config or {}),
+        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **config,
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](

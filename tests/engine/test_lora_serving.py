@@ -157,6 +157,31 @@ def test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind, dev
     assert min(far) > 100 * TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_side_stream_shrink_gives_the_same_logits(base_model, lora_root, kind, monkeypatch):
+    """The shrink on a side stream (beside the base projection, in the decode graphs too) changes no bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    first = "x" if kind == "lora" else "d"
+    logits = {}
+    for overlap in (True, False):
+        monkeypatch.setenv("EMBER_LORA_OVERLAP", "1" if overlap else "0")  # read before the graphs are captured
+        engine = make_engine(base_model, lora_root, device="cuda", fused=True)
+        assert engine.adapters.context.overlap == overlap
+        engine.adapters.load(first, first)
+        engine.adapters.load("y", "y")
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        for (rid, name), prompt in zip({"a": first, "b": "y", "c": None, "a2": first}.items(), prompts(4, 11, 9)):
+            engine.add_request(rid, prompt, params, lora=name)
+        rec = Recorder(engine).run()
+        assert engine.runner.graphs is not None and any(inp_lora is not None for _, _, inp_lora in rec.steps)
+        logits[overlap] = [out.logits.clone() for _, out, _ in rec.steps]
+    assert len(logits[True]) == len(logits[False])
+    for on, off in zip(logits[True], logits[False]):
+        assert torch.equal(on, off)
+
+
 def test_more_adapters_than_slots_wait_their_turn(base_model, lora_root):
     engine = make_engine(base_model, lora_root, max_loras=2)
     for name in ("x", "y", "d"):
