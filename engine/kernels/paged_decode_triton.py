@@ -17,8 +17,9 @@ from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
 # autotuned tile size divides a split.
 SPLIT_ALIGN = 128
-# Below this many tokens per split, the merge costs more than the parallelism buys.
-MIN_SPLIT_TOKENS = 256
+# Splits are at least this long. Measured on the H200 at batch 1, 2k context: 16 splits of 128
+# tokens ran in 8.7 us against 12.2 us for 8 of 256 (the merge is cheap next to a longer serial scan).
+MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
 # Launch configurations a sweep times (benchmarks/bench_kernels.py --sweep); the kernel itself runs
@@ -32,20 +33,21 @@ _CONFIGS = pick_configs([
 ])
 CONFIG_NAMES = ("BLOCK_N", "num_warps", "num_stages")
 
-# Measured winners by launch size (work_bucket): the H200 sweep (benchmarks/NOTES.md) found
-# BLOCK_N 64 / 4 warps / 3 stages fastest or within 1% of the fastest at 8 x 8k, 32 x 8k, 64 x 2k
-# and 64 x 8k, while the autotuner, keyed without the context length and tuned on the short
-# contexts of a warm-up, kept configurations up to 25% slower for the long ones.
+# Measured winners by launch size (work_bucket), from the H200 sweep of benchmarks/NOTES.md: up to
+# two programs an SM, 128-token tiles (batch 32 at 2k-8k: 69 / 248 us against 76 / 276 with 64;
+# batch 1 at 2k in 16 splits: 8.7 us against 9.5); beyond that, 64-token tiles (batch 64 at
+# 512-8k, batch 8 at 8k in 9 splits, batch 1 at 8k in 64 splits: fastest of the five configs).
+# The autotuner this replaces was keyed without the context length and tuned on a warm-up's short
+# contexts; it kept configurations up to 25% slower for long ones.
 DECODE_CONFIGS: dict[int, dict] = {
-    0: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # under one wave of programs
-    1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # up to four waves
-    2: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # more
+    0: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},  # at most two programs an SM
+    1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},  # more
 }
 
 
 def work_bucket(programs: int, sm_count: int) -> int:
-    """Coarse size of a launch: under one wave of programs, up to four, more."""
-    return 0 if programs < sm_count else (1 if programs <= 4 * sm_count else 2)
+    """Coarse size of a launch: at most two programs an SM (0), more (1)."""
+    return 0 if programs <= 2 * sm_count else 1
 
 
 def decode_config(programs: int, sm_count: int) -> dict:
@@ -142,7 +144,7 @@ def _merge_kernel(
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, sm_count: int) -> int:
     """Splits per sequence: none once the launch has a program for every SM, else enough for ~4
-    programs an SM, never splits shorter than MIN_SPLIT_TOKENS.
+    programs an SM, never splits shorter than MIN_SPLIT_TOKENS (one 128-token tile).
 
     The first rule is measured (benchmarks/NOTES.md): on an H200 at batch 32 and 64 (256 and 512
     programs), contexts 512 to 8k, one split ran as fast or faster than the 2-3 that aiming at four

@@ -168,6 +168,15 @@ def test_dispatcher_gpu_decode_and_mixed():
         assert_close_rel(out.float(), _expected(b, 0.125), TOL[torch.float16])
 
 
+def test_decode_launch_config_follows_the_launch_size():
+    pytest.importorskip("triton")
+    from engine.kernels.paged_decode_triton import DECODE_CONFIGS, work_bucket
+
+    sms = 132  # up to two programs an SM take 128-token tiles, larger launches 64-token ones
+    assert work_bucket(256, sms) == 0 and work_bucket(264, sms) == 0 and work_bucket(265, sms) == 1
+    assert DECODE_CONFIGS[0]["BLOCK_N"] == 128 and DECODE_CONFIGS[1]["BLOCK_N"] == 64
+
+
 def test_decode_split_count_rule():
     pytest.importorskip("triton")
     from engine.kernels.paged_decode_triton import MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits
@@ -179,4 +188,5 @@ def test_decode_split_count_rule():
     assert choose_num_splits(1, 8, 8192, sms) == min(-(-4 * sms // 8), 8192 // MIN_SPLIT_TOKENS, MAX_SPLITS)
     assert choose_num_splits(8, 8, 8192, sms) == -(-4 * sms // 64)
     # ... but never into pieces shorter than MIN_SPLIT_TOKENS.
-    assert choose_num_splits(1, 8, 300, sms) == 2 and choose_num_splits(1, 8, 100, sms) == 1
+    assert MIN_SPLIT_TOKENS == 128
+    assert choose_num_splits(1, 8, 300, sms) == 3 and choose_num_splits(1, 8, 100, sms) == 1
