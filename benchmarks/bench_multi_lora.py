@@ -69,19 +69,27 @@ def build_model(shape: str, device: str, dtype: torch.dtype, seed: int) -> Trans
 
 class StepTimer:
     """Wraps the runner's execute to time every step (waiting for its GPU work) and note whether it was a
-    pure decode step."""
+    pure decode step; decode steps also keep their split into input preparation, launch (the forward's
+    host call, a graph replay on CUDA) and the wait for the GPU after it."""
 
     def __init__(self, engine: Engine):
         self.records: list[tuple[float, int, bool]] = []  # (seconds, sequences, decode-only)
-        self.execute = engine.runner.execute
+        self.decode_parts: list[tuple[float, float, float]] = []  # (prepare, launch, wait) seconds
+        self.runner = engine.runner
         engine.runner.execute = self
 
     def __call__(self, plan):
         start = time.perf_counter()
-        out = self.execute(plan)
+        inp = self.runner.prepare_inputs(plan)
+        prepared = time.perf_counter()
+        out = self.runner.execute_model(inp)
+        launched = time.perf_counter()
         out.logits.sum().item()  # wait for the step's GPU work
+        end = time.perf_counter()
         decode = all(len(s.token_ids) == 1 for s in plan.seqs)
-        self.records.append((time.perf_counter() - start, len(plan.seqs), decode))
+        self.records.append((end - start, len(plan.seqs), decode))
+        if decode:
+            self.decode_parts.append((prepared - start, launched - prepared, end - launched))
         return out
 
 
@@ -126,6 +134,7 @@ def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag:
         prompt = torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()
         engine.add_request(f"{tag}-{i}", prompt, params, lora=adapters[i % len(adapters)])
     timer.records.clear()
+    timer.decode_parts.clear()
     before = engine.stats().generation_tokens_total
     start = time.perf_counter()
     while engine.has_unfinished():
@@ -137,6 +146,8 @@ def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag:
     return {"seconds": elapsed, "output_tokens_per_s": tokens / elapsed,
             "decode_tokens_per_s": sum(n for _, n in decode) / decode_s if decode_s else 0.0,
             "decode_step_ms_median": 1e3 * statistics.median(s for s, _ in decode) if decode else 0.0,
+            **{f"decode_{part}_ms_median": 1e3 * statistics.median(p[i] for p in timer.decode_parts)
+               for i, part in enumerate(("prepare", "launch", "wait")) if timer.decode_parts},
             "steps": len(timer.records)}
 
 
