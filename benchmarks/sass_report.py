@@ -8,6 +8,7 @@ it); no driver or GPU. Run it with the Triton version the GPU machine uses (3.6 
 
     python benchmarks/sass_report.py                 # every case
     python benchmarks/sass_report.py int4_gemv_m1    # cases whose name contains this
+    python benchmarks/sass_report.py int4_gemv_h2    # the packed-half int4 GEMV
     python benchmarks/sass_report.py lora_           # the batched-LoRA shrink and expand kernels
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ DIV16 = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "q_ptr", "k_cache_ptr
          "block_tables_ptr", "part_out_ptr", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om",
          "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch", "split_len",
          "a_ptr", "b_ptr", "y_ptr", "stride_as", "stride_ar", "stride_ps", "stride_pm", "stride_bs", "stride_bn",
-         "stride_ym", "stride_gs")
+         "stride_ym", "stride_gs", "off1", "off2", "slice_rank")
 
 
 def _cases():
     from engine.kernels.paged_decode_triton import _decode_kernel
+    from engine.kernels.quant_gemv_h2_triton import PRE_COLS, UNROLL, _gemv_h2_kernel
     from engine.kernels.quant_gemv_triton import _gemv_kernel
     from engine.kernels.quant_matmul_triton import _int4_dot_kernel, _int8_dot_kernel
     from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
@@ -46,6 +48,10 @@ def _cases():
     def gemv(bits, words, bm, bn, warps):
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
                                          PREFETCH=2), warps, 1, bn * words * 4)
+
+    def gemv_h2(bn, warps):  # the hot loop is UNROLL steps of one group each
+        return (_gemv_h2_kernel, PTRS, dict(WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0, PRE=PRE_COLS,
+                                            UNROLL=UNROLL, EMULATE=False), warps, 1, bn * 64 * UNROLL)
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -71,7 +77,7 @@ def _cases():
 
     def expand(bm, bn, slices, warps):  # no loop: registers and spills are what to read
         return (_expand_kernel, lora_ptrs, dict(HAS_RESCALE=True, SPLITS=8, NUM_SLICES=slices, BLOCK_M=bm, BLOCK_N=bn,
-                                                BLOCK_R=16, PREC="tf32"), warps, 3, bn * 16 * 2)
+                                                BLOCK_R=16, PREC="tf32", FULL_R=True), warps, 3, bn * 16 * 2)
 
     return {
         "lora_shrink_m16_r16": shrink(16, 16), "lora_shrink_m16_r64": shrink(16, 64),
@@ -81,6 +87,9 @@ def _cases():
         "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
         "int4_gemv_m4_n64_w4": gemv(4, 16, 4, 64, 4), "int8_gemv_m1_n64_w4": gemv(8, 32, 1, 64, 4),
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),
+        "int4_gemv_h2_m1_n256_w4": gemv_h2(256, 4), "int4_gemv_h2_m1_n128_w2": gemv_h2(128, 2),
+        "int4_gemv_h2_m1_n128_w4": gemv_h2(128, 4), "int4_gemv_h2_m1_n64_w2": gemv_h2(64, 2),
+        "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8),
         "int4_dot_m16_n128_w8": dot4(16, 128, 8), "int4_dot_m16_n64_w4": dot4(16, 64, 4),
         "int4_dot_m64_n128_w8": dot4(64, 128, 8, True),
         "int8_dot_m16_n64_w4": dot8(16, 64, 4), "int8_dot_m16_n128_w8": dot8(16, 128, 8),

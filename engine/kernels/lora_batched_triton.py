@@ -5,9 +5,9 @@ Shrink: a program owns one chunk (<= BLOCK_M tokens of one slot) and a slice of 
 (16-64), so a decode step has few chunks and K is split across programs to fill the GPU; fp32
 partials [SPLIT, L, BLOCK_R] are summed by the expand kernel (deterministic, no atomics). The split
 count is capped at MAX_SPLITS, so the expand sums them in a short unrolled run of independent loads.
-Expand: a program owns one chunk and BLOCK_N output columns; it sums the chunk's partials (a few
-KB), reads y's rows, adds the update in fp32, applies the DoRA rescale if asked, and writes the rows
-back. Each token belongs to exactly one chunk, so no two programs write the same element. Base
+Expand: a program owns one chunk and a run of BLOCK_N-column tiles; it sums the chunk's partials (a
+few KB) once, then per tile reads B and y's rows, adds the update in fp32, applies the DoRA rescale if
+asked, and writes the rows back. Each token belongs to exactly one chunk, so no two programs write the same element. Base
 tokens (slot -1) are in no chunk. A packed layer's B is block-diagonal (`slices`): the expand works
 slice by slice and reads only each slice's own rank columns, a half or a third of B's bytes.
 
@@ -26,8 +26,8 @@ from engine.kernels.lora_batched import LoraSegments, slice_spans
 
 SHRINK_BLOCK_K = 128
 MAX_SPLITS = 8  # split-K partials the expand sums (unrolled): enough programs for decode, few registers
-WIDE_BLOCK_N = 256  # expand tile when narrow ones would be more programs than the SMs hold at once
 NARROW_BLOCK_N = 128
+EXPAND_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -66,13 +66,28 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _slice_partials(part_ptr, start, m, m_ok, r, r_ok, i, slice_rank, stride_ps, stride_pm,
+                    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, FULL_R: tl.constexpr):
+    """Sum of the shrink's split-K partials for slice i's rank columns, [BLOCK_M, BLOCK_R] fp32 (the
+    splits unrolled, so that their loads are in flight together)."""
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    mask = m_ok[:, None] if FULL_R else m_ok[:, None] & r_ok[None, :]
+    for sk in tl.static_range(SPLITS):
+        t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
+                     mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
 def _expand_kernel(
     part_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
-    N, slice_rank, off1, off2,
+    N, slice_rank, off1, off2, tiles_per_program,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_ym, stride_gs,
     HAS_RESCALE: tl.constexpr, SPLITS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, FULL_R: tl.constexpr,
 ):
+    # FULL_R: the slice rank fills BLOCK_R, so no mask runs along the rank (contiguous) axis and the
+    # partials' and B's rows load as whole vectors rather than element by element.
     chunk = tl.program_id(0)
     pid_n = tl.program_id(1)
     count = tl.load(clen_ptr + chunk)
@@ -83,39 +98,50 @@ def _expand_kernel(
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
-    n_lo = pid_n * BLOCK_N
-    n = n_lo + tl.arange(0, BLOCK_N)
-    n_ok = n < N
     r = tl.arange(0, BLOCK_R)  # rank columns of one slice
     r_ok = r < slice_rank
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Slice i owns output rows [lo, hi) and rank columns [i * slice_rank, (i + 1) * slice_rank): B is zero
-    # elsewhere, so each slice the tile meets (almost always one) is a small dot over its own columns.
-    for i in tl.static_range(NUM_SLICES):
-        if i == 0:
-            lo, hi = 0, off1
-        elif i == 1:
-            lo, hi = off1, off2
-        else:
-            lo, hi = off2, N
-        if (n_lo < hi) & (n_lo + BLOCK_N > lo):
-            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            # The shrink's split-K partials, unrolled so that the loads are in flight together.
-            for sk in tl.static_range(SPLITS):
-                t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
-                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-            b_ok = (n_ok & (n >= lo) & (n < hi))[:, None] & r_ok[None, :]
-            bt = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + i * slice_rank + r[None, :], mask=b_ok,
+    # The chunk's rank vectors, once for all of the program's tiles (a slice's t is zero-cost when unused).
+    t0 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 0, slice_rank, stride_ps, stride_pm,
+                         SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    if NUM_SLICES > 1:
+        t1 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 1, slice_rank, stride_ps, stride_pm,
+                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    if NUM_SLICES > 2:
+        t2 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 2, slice_rank, stride_ps, stride_pm,
+                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    scale = tl.load(scale_ptr + slot)
+    b_base = b_ptr + slot * stride_bs
+    # A program walks `tiles_per_program` consecutive BLOCK_N tiles: the round trips above are paid
+    # once, and B's tiles (they feed a dot) are pipelined across the loop.
+    first = pid_n * tiles_per_program * BLOCK_N
+    last = tl.minimum(first + tiles_per_program * BLOCK_N, N)
+    for n_lo in range(first, last, BLOCK_N):
+        n = n_lo + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Slice i owns output rows [lo, hi) and rank columns [i * slice_rank, (i + 1) * slice_rank): B is
+        # zero elsewhere, so each slice is a small dot over its own columns, its rows outside [lo, hi)
+        # masked (never read). No branch on the tile: a straight loop body keeps B's loads pipelined.
+        for i in tl.static_range(NUM_SLICES):
+            if i == 0:
+                lo, hi, t = 0, off1, t0
+            elif i == 1:
+                lo, hi, t = off1, off2, t1
+            else:
+                lo, hi, t = off2, N, t2
+            b_ok = (n_ok & (n >= lo) & (n < hi))[:, None]
+            if not FULL_R:
+                b_ok = b_ok & r_ok[None, :]
+            bt = tl.load(b_base + n[:, None] * stride_bn + i * slice_rank + r[None, :], mask=b_ok,
                          other=0.0)  # [BLOCK_N, BLOCK_R]
-            acc = tl.dot(t.to(bt.dtype), tl.trans(bt), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_N] fp32
-    upd = acc * tl.load(scale_ptr + slot)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + upd
-    if HAS_RESCALE:
-        g = tl.load(rescale_ptr + slot * stride_gs + n, mask=n_ok, other=1.0)
-        out = out * g[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+            acc = tl.dot(t.to(bt.dtype), tl.trans(bt), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale
+        if HAS_RESCALE:
+            g = tl.load(rescale_ptr + slot * stride_gs + n, mask=n_ok, other=1.0)
+            out = out * g[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k(k: int, num_chunks: int, sms: int) -> tuple[int, int]:
@@ -126,15 +152,18 @@ def split_k(k: int, num_chunks: int, sms: int) -> tuple[int, int]:
     return triton.cdiv(k, per_split), per_split
 
 
-def expand_tile(n_out: int, num_chunks: int, block_m: int, sms: int) -> tuple[int, int]:
-    """(BLOCK_N, warps) of the expand. Decode tiles widen when narrow ones would be more programs than the
-    SMs hold at once (about four each at its register count): a program's time is mostly latency
-    (chunk; its rows, partials and B; y: three dependent round trips), so fewer, fuller programs finish
-    sooner."""
-    if block_m <= 16:
-        wide = triton.cdiv(n_out, NARROW_BLOCK_N) * num_chunks > 4 * sms
-        return (WIDE_BLOCK_N if wide else NARROW_BLOCK_N), 4
-    return NARROW_BLOCK_N, 8  # prefill: 64-row tiles; 8 warps keep them at ~128 registers
+def expand_tile(n_out: int, num_chunks: int, block_m: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, tiles per program) of the expand.
+
+    A program's time is mostly latency (the chunk; its rows and partials; then B and y per tile), so
+    decode launches aim at about EXPAND_PROGRAMS_PER_SM programs an SM, each walking several tiles
+    in a pipelined loop, rather than one short program per tile (32 adapters over 64 tokens and
+    16k outputs made 2,048 programs of one tile each)."""
+    if block_m > 16:
+        return NARROW_BLOCK_N, 8, 1  # prefill: 64-row tiles; 8 warps keep them at ~128 registers
+    tiles = triton.cdiv(n_out, NARROW_BLOCK_N)
+    per_program = max(1, min(tiles, (tiles * num_chunks) // (EXPAND_PROGRAMS_PER_SM * sms)))
+    return NARROW_BLOCK_N, 4, per_program
 
 
 def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int, int, int]:
@@ -184,15 +213,16 @@ def lora_expand_triton(y: torch.Tensor, part: torch.Tensor, seg: LoraSegments, b
     assert y.stride(1) == 1 and b.stride(2) == 1 and b.dtype == y.dtype
     assert scaling.dtype == torch.float32 and (rescale is None or rescale.dtype == torch.float32)
     slice_rank, off1, off2 = _slice_bounds(n_out, r, slices)
-    block_n, warps = expand_tile(n_out, seg.num_chunks, seg.block_m, num_sms(y.device))
+    block_n, warps, per_program = expand_tile(n_out, seg.num_chunks, seg.block_m, num_sms(y.device))
     g = rescale if rescale is not None else scaling  # unused pointer when there is no rescale
-    _expand_kernel[(seg.num_chunks, triton.cdiv(n_out, block_n))](
+    _expand_kernel[(seg.num_chunks, triton.cdiv(n_out, block_n * per_program))](
         part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
-        n_out, slice_rank, off1, off2,
+        n_out, slice_rank, off1, off2, per_program,
         part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
         HAS_RESCALE=rescale is not None, SPLITS=part.shape[0], NUM_SLICES=len(slices) if slices else 1,
         BLOCK_M=seg.block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(slice_rank)),
-        PREC=dot_precision(y.dtype), num_warps=warps,
+        PREC=dot_precision(y.dtype), FULL_R=slice_rank == max(16, triton.next_power_of_2(slice_rank)),
+        num_warps=warps,
     )
     return y
 

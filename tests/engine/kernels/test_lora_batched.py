@@ -129,6 +129,19 @@ def test_triton_cpu_packed_slices(dora):
     _check_triton("cpu", torch.float16, 21, 64, 136, 4, 18, [0, 2], dora, slices=(0, 72, 104))
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_triton_cpu_expand_walks_several_tiles(dora):
+    require_backend("cpu")
+    from engine.kernels._triton_util import num_sms
+    from engine.kernels.lora_batched_triton import expand_tile
+
+    # Eleven 128-column tiles (the last partial) over three slices whose bounds fall inside tiles; enough
+    # chunks that each expand program walks several tiles, the last program a shorter run.
+    _, _, per_program = expand_tile(1300, 6, 16, num_sms(torch.device("cpu")))
+    assert 1 < per_program < 11 and 11 % per_program
+    _check_triton("cpu", torch.float16, 40, 64, 1300, 8, 12, [0, 2, 3, 5, 6, 7], dora, slices=(0, 700, 1000))
+
+
 def test_triton_cpu_long_groups():
     require_backend("cpu")
     # Groups longer than a tile: chunks of 16 within one slot, split K.
