@@ -12,8 +12,8 @@ Reported per configuration, median over `--repeats`: output tokens/s for the who
 decode-phase tokens/s (steps where every sequence computes one token), the decode step's median wall
 time (`decode_step_ms_median`: host preparation, graph replay and the wait for the GPU), the host
 time of each phase of Engine.step() averaged over all steps (`phase_ms_per_step`, bench_decode's
-StepTimer), and on CUDA the GPU time of the last decode step's graph alone (`gpu_step_ms`: replayed
-on its inputs, CUDA events), so that step time splits into GPU and host.
+StepTimer), and on CUDA the GPU time of the largest decode batch's graph alone (`gpu_step_ms`: replayed
+on the inputs of the last step that ran it, CUDA events), so that step time splits into GPU and host.
 
 With --overlap-ab the largest count runs once more on an engine whose shrinks run after their base
 projections instead of beside them on a side stream (EMBER_LORA_OVERLAP=0), an A/B of that overlap.
@@ -94,16 +94,20 @@ class StepTimer:
 
 
 class LastGraph:
-    """Remembers the last decode step's captured graph, to time its replay alone afterwards."""
+    """Remembers the captured graph of the largest decode batch (the latest of those), to time its replay
+    alone afterwards. Not simply the last step's: requests admitted in later prefill steps finish later,
+    so a run's last decode steps are smaller batches."""
 
     def __init__(self, engine: Engine):
         self.graphs = engine.runner.graphs
         self.graph = None
+        self.batch = 0
         if self.graphs is not None:
             replay = self.graphs.replay
 
             def remembering(inp):
-                self.graph = self.graphs.graph_for(inp)
+                if inp.graph_batch >= self.batch:
+                    self.graph, self.batch = self.graphs.graph_for(inp), inp.graph_batch
                 return replay(inp)
 
             self.graphs.replay = remembering
@@ -162,7 +166,7 @@ def measure(engine: Engine, probes: Probes, adapters: list[str | None], args, na
     timer, phases, last = probes.steps, probes.phases, probes.last
     run(engine, timer, adapters, args, f"{name}-warmup")
     phases.totals = dict.fromkeys(phases.totals, 0.0)
-    last.graph = None
+    last.graph, last.batch = None, 0
     runs = [run(engine, timer, adapters, args, f"{name}-{r}") for r in range(args.repeats)]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {"name": name, "distinct_adapters": len([a for a in adapters if a]), "median": median, "runs": runs,
