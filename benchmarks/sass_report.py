@@ -50,8 +50,8 @@ def _cases():
                                          PREFETCH=2), warps, 1, bn * words * 4)
 
     def gemv_h2(bn, warps):  # the hot loop is UNROLL steps of one group each
-        return (_gemv_h2_kernel, PTRS, dict(WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0, PRE=PRE_COLS,
-                                            UNROLL=UNROLL, EMULATE=False), warps, 1, bn * 64 * UNROLL)
+        return (_gemv_h2_kernel, PTRS, dict(WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0, SKIND=0,
+                                            PRE=PRE_COLS, UNROLL=UNROLL, EMULATE=False), warps, 1, bn * 64 * UNROLL)
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
