@@ -8,7 +8,10 @@ cache slot -1 (nothing written) and context length 0 (the attention kernel retur
 
 Inputs live in static device buffers the graphs were captured on. Each step the host packs
 ids, positions, slots and context lengths into one pinned array and the block tables into a
-second, and copies both to the device (two transfers, no other launches before the replay).
+second, and copies both to the device (two transfers, no other launches before the replay). A step
+planned before its tokens reached the host (overlapped decode, engine/overlap.py) then copies them
+from the previous step's sampled-token tensor into the ids row: same stream, so after the transfer
+and after the previous replay has read the buffer.
 Logits come out of the graph as float32 rows of one buffer shared by all buckets; sampling runs
 outside it. Prefill and mixed steps run eagerly. Capture takes a warm-up forward and a capture
 forward per graph (longer the first time Triton compiles): see docs/performance.md.
@@ -177,13 +180,19 @@ class DecodeGraphs:
     def fits(self, plan: SchedulerOutput) -> bool:
         return len(plan.seqs) <= self.max_batch and is_decode(plan)
 
-    def prepare(self, plan: SchedulerOutput) -> ModelInput:
-        """Pack the decode batch into the static buffers (two host-to-device copies, no sync)."""
+    def prepare(self, plan: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelInput:
+        """Pack the decode batch into the static buffers (two host-to-device copies, no sync).
+
+        input_ids: int64 [n] on the device, replacing the plan's token ids (not known on the host yet).
+        """
         n = len(plan.seqs)
         bs = bucket_for(n, self.sizes)
         self.copied.synchronize()  # the previous step's copies have left the staging buffers
         width = pack_decode(plan.seqs, self.block_size, bs, self.np_vec, self.np_tables)
+        ids, positions, rows, metadata = self._step_views(n, bs)
         self.vec.copy_(self.host_vec, non_blocking=True)
+        if input_ids is not None:  # after the packed row's copy on this stream, so it wins
+            ids.copy_(input_ids.view(1, n))
         self.tables[:bs, :width].copy_(self.host_tables[:bs * width].view(bs, width), non_blocking=True)
         self.copied.record()
         lora = None
@@ -191,7 +200,6 @@ class DecodeGraphs:
             # Into the buffers the graphs read; the smallest chunk grid holding the step's chunks runs it.
             chunks = self.adapters.prepare_graph_step([s.adapter for s in plan.seqs], bs)
             lora = self.adapters.graph_batch(bs, bucket_for(chunks, self.chunk_sizes[bs]))
-        ids, positions, rows, metadata = self._step_views(n, bs)
         return ModelInput(
             input_ids=ids,
             positions=positions,

@@ -2,9 +2,15 @@
 
 `Engine.step()` is the flow of DESIGN.md: schedule -> execute -> sample -> update. `AsyncEngine`
 runs that loop in the background for asyncio servers (see engine/async_engine.py).
+
+A step is launched (model and sampler queued on the device) and then landed (its tokens read, the
+scheduler updated, outputs built). With overlapped decode (engine/overlap.py, on by default on
+CUDA) the decode step after it may be launched in between, so the GPU computes the next step while
+the host lands this one; the next `step()` call lands that step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,9 +24,11 @@ from engine.errors import ContextLengthError, EmberError, InvalidRequestError
 from engine.kv_cache import KVCacheManager
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
+from engine.overlap import (Flight, HostTokens, continuing_rows, is_live, overlap_enabled,
+                            sampling_row_ahead)
 from engine.request import Request, RequestStatus
 from engine.runner import ModelOutput, ModelRunner
-from engine.sampler import RowLogprobs, Sampler, SamplerOutput, SamplingRow, prompt_logprobs
+from engine.sampler import RowLogprobs, Sampler, SamplerOutput, SamplingRow, device_tensor, prompt_logprobs
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -54,6 +62,7 @@ class EngineStats:
     lora_adapters_resident: int = 0  # adapters loaded (serving-ready)
     lora_adapters_on_device: int = 0  # adapter versions in device slots
     lora_evictions: int = 0  # cumulative slot evictions
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were read
 
     @property
     def kv_usage(self) -> float:
@@ -117,6 +126,9 @@ class Engine:
         self.groups: dict[str, list[str]] = {}  # user request id -> its choices' request ids
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.overlap = overlap_enabled(config, self.runner.device)
+        self.overlapped_steps = 0
+        self._in_flight: Flight | None = None  # a step launched by the previous step() call, not landed
 
     @staticmethod
     def _load_model(config: EngineConfig) -> torch.nn.Module:
@@ -209,6 +221,7 @@ class Engine:
         for rid in ids:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
             self.generators.pop(rid, None)
+        self._drop_dead_flight()
         return self.outputs.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -220,41 +233,142 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule -> execute -> sample -> update. Returns the outputs with news."""
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        try:
-            model_out = self.runner.execute(plan)
-            sampled = self._sample(plan, model_out)
-        except Exception as exc:  # fail this step's requests only
-            raise StepError(self._fail(plan), exc) from exc
-        touched = self.scheduler.update(plan, dict(zip(sampled.request_ids, sampled.output.token_ids)))
-        return self._make_outputs(touched, sampled)
+        """One iteration: schedule -> execute -> sample -> update. Returns the outputs with news.
 
-    def _sample(self, plan: SchedulerOutput, model_out: ModelOutput) -> "_Sampled":
+        A step launched ahead by the previous call is landed instead of scheduling a new one; with
+        overlapped decode the step after this one may be launched before this one is landed.
+        """
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                return []
+            try:
+                flight = self._launch(plan)
+            except Exception as exc:  # fail this step's requests only
+                raise StepError(self._fail(plan), exc) from exc
+        if self.overlap:
+            self._in_flight = self._launch_ahead(flight)
+        return self._land(flight)
+
+    def _launch(self, plan: SchedulerOutput, input_ids: torch.Tensor | None = None) -> Flight:
+        """Queue the forward and the sampler's device work; nothing here waits for the device.
+
+        input_ids: the step's token ids on the device, for a step planned before they reached the host.
+        """
+        model_out = self.runner.execute(plan) if input_ids is None else self.runner.execute(plan, input_ids)
+        return self._sample(plan, model_out, ahead=input_ids is not None)
+
+    def _sample(self, plan: SchedulerOutput, model_out: ModelOutput, ahead: bool) -> Flight:
+        """Sample a token for each row that ends a sequence's step (and each forked child).
+
+        With overlapped decode on, the tokens stay on the device (the next step may read them there);
+        otherwise they are read now, as a synchronous step always did.
+        """
         ids = [s.request_id for s in plan.seqs if s.sample] + [child for child, _ in plan.forks]
         rows = [model_out.sample_rows[s.request_id] for s in plan.seqs if s.sample]
         rows += [model_out.sample_rows[parent] for _, parent in plan.forks]
         reqs = [self.scheduler.requests[rid] for rid in ids]
-        # The output so far is copied only for the processors that read it (penalties, min_tokens):
-        # a copy per request per step grows with the output and shows at large batches.
-        batch = [SamplingRow(r.params, r.prompt_token_ids,
-                             r.output_token_ids if r.params.needs_penalties or r.params.min_tokens else (), r.stop_ids,
-                             self.generators.get(r.request_id)) for r in reqs]
+        batch = [sampling_row_ahead(r, self.generators.get(r.request_id)) if ahead else self._sampling_row(r)
+                 for r in reqs]
         logits = model_out.logits
         if rows != list(range(logits.shape[0])):  # decode steps sample every row in order: no gather
             logits = logits[rows]
-        output = self.sampler(logits, batch) if rows else None
+        flight = Flight(plan, ids, reqs, batch, logits, model_out, ahead=ahead)
+        if not rows:
+            flight.output = SamplerOutput([], [])
+        elif self.overlap:
+            flight.tokens = self.sampler.sample(logits, batch)
+            flight.host = HostTokens(flight.tokens)
+        else:
+            flight.output = self.sampler(logits, batch)
+        return flight
+
+    def _sampling_row(self, r: Request) -> SamplingRow:
+        # The output so far is copied only for the processors that read it (penalties, min_tokens):
+        # a copy per request per step grows with the output and shows at large batches.
+        return SamplingRow(r.params, r.prompt_token_ids,
+                           r.output_token_ids if r.params.needs_penalties or r.params.min_tokens else (), r.stop_ids,
+                           self.generators.get(r.request_id))
+
+    def _launch_ahead(self, flight: Flight) -> Flight | None:
+        """Launch the decode step after `flight` before its tokens are read, when that step is
+        predictable (engine/overlap.py); its input ids come from the flight's device tokens."""
+        keep = continuing_rows(flight, self.scheduler)
+        if keep is None:
+            return None
+        plan = self.scheduler.schedule_next_decode([flight.plan.seqs[i] for i in keep])
+        if plan is None:
+            return None
+        tokens = flight.tokens
+        if len(keep) < tokens.shape[0]:
+            tokens = tokens.index_select(0, device_tensor(keep, tokens.device, torch.long))
+        try:
+            nxt = self._launch(plan, tokens)
+        except Exception:
+            # Unexpected, and harmless to recover from: the same sequences run synchronously next
+            # step (a persistent fault then fails them there). Not retried on every step after.
+            logger.warning("launching a decode step ahead failed; overlapped decode is off from now on",
+                           exc_info=True)
+            self.overlap = False
+            self.scheduler.discard(plan)
+            return None
+        self.overlapped_steps += 1
+        return nxt
+
+    def _land(self, flight: Flight) -> list[RequestOutput]:
+        """Read a flight's tokens, then update the scheduler and build its outputs."""
+        plan, keep = self._live_plan(flight)
+        if not plan.seqs:  # normally dropped as soon as its last request ended (_drop_dead_flight)
+            self.scheduler.discard(plan)
+            return []
+        try:
+            sampled = self._read(flight, keep)
+        except Exception as exc:  # fail this step's requests only (and a step launched after it)
+            failed = self._fail(plan)
+            self._drop_dead_flight()
+            raise StepError(failed, exc) from exc
+        touched = self.scheduler.update(plan, dict(zip(sampled.request_ids, sampled.output.token_ids)))
+        outputs = self._make_outputs(touched, sampled)
+        self._drop_dead_flight()
+        return outputs
+
+    def _live_plan(self, flight: Flight) -> tuple[SchedulerOutput, list[int] | None]:
+        """A step launched ahead without the rows of requests that ended before it landed (None: all kept)."""
+        if not flight.ahead:
+            return flight.plan, None
+        keep = [i for i, r in enumerate(flight.requests) if is_live(self.scheduler, r)]
+        if len(keep) == len(flight.requests):
+            return flight.plan, None
+        seqs = tuple(flight.plan.seqs[i] for i in keep)  # a step ahead samples every sequence, in order
+        return dataclasses.replace(flight.plan, seqs=seqs, num_batched_tokens=len(seqs)), keep
+
+    def _read(self, flight: Flight, keep: list[int] | None) -> "_Sampled":
+        """The flight's tokens (this waits for the device), log-probabilities and prompt log-probabilities."""
+        ids, output = flight.request_ids, flight.output
+        if output is None:
+            tokens = flight.host.tolist()
+            if keep is not None:  # a step ahead: no logprobs (can_run_ahead), no prompt rows
+                ids, tokens = [ids[i] for i in keep], [tokens[i] for i in keep]
+                return _Sampled(ids, SamplerOutput(tokens, [None] * len(ids)), [])
+            output = SamplerOutput(tokens, Sampler.logprobs(flight.logits, tokens, flight.rows))
         scored = []
-        for rid, (row0, start, count) in model_out.prompt_rows.items():
+        for rid, (row0, start, count) in flight.model_out.prompt_rows.items():
             req = self.scheduler.requests[rid]
             count = min(count, req.num_prompt_tokens - 1 - start)  # the last prompt row predicts the output
             if count > 0:
                 targets = req.prompt_token_ids[start + 1:start + 1 + count]
-                rows_lp = prompt_logprobs(model_out.logits[row0:row0 + count], targets, req.params.prompt_logprobs)
-                scored.append((req.group_id, start, rows_lp))
-        return _Sampled(ids, output or SamplerOutput([], []), scored)
+                logits = flight.model_out.logits[row0:row0 + count]
+                scored.append((req.group_id, start, prompt_logprobs(logits, targets, req.params.prompt_logprobs)))
+        return _Sampled(ids, output, scored)
+
+    def _drop_dead_flight(self) -> None:
+        """Forget the step launched ahead once none of its requests remains: nothing will read it, and
+        its rows only wrote KV slots of requests that ended."""
+        flight = self._in_flight
+        if flight is not None and not any(is_live(self.scheduler, r) for r in flight.requests):
+            self.scheduler.discard(flight.plan)
+            self._in_flight = None
 
     def _make_outputs(self, touched: list[Request], sampled: "_Sampled") -> list[RequestOutput]:
         for group_id, start, rows in sampled.prompt_logprobs:
@@ -299,6 +413,7 @@ class Engine:
             generation_tokens_total=self.generation_tokens_total,
             tokens_computed_total=s.stats.tokens_computed,
             num_steps=s.stats.steps,
+            overlapped_steps=self.overlapped_steps,
             **(self.adapters.stats() if self.adapters is not None else {}),
         )
 

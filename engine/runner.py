@@ -8,6 +8,9 @@ On CUDA (with Triton) the runner takes the fast path: the model's projections an
 (engine/fusion.py), RoPE is applied by the attention backend in the same kernel as the KV write,
 and decode steps replay CUDA graphs (engine/cuda_graphs.py) unless `extra["enforce_eager"]` or
 EMBER_ENFORCE_EAGER=1 asks for eager execution. Anywhere else the plain torch path runs.
+
+A decode step planned before the previous step's tokens reached the host (engine/overlap.py) passes
+those tokens as a device tensor, `execute(plan, input_ids)`; they replace the plan's placeholder ids.
 """
 from __future__ import annotations
 
@@ -163,10 +166,13 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         logger.info("prefill warm-up (%d tokens) in %.1f s", n, time.perf_counter() - start)
 
-    def prepare_inputs(self, plan: SchedulerOutput) -> ModelInput:
-        """Host-side flattening of the scheduled sequences into batch tensors."""
+    def prepare_inputs(self, plan: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelInput:
+        """Host-side flattening of the scheduled sequences into batch tensors.
+
+        input_ids: int64 [N] on the device, the step's token ids when the plan's are not known on the host.
+        """
         if self.graphs is not None and self.graphs.fits(plan):
-            return self.graphs.prepare(plan)  # padded into the graphs' static buffers
+            return self.graphs.prepare(plan, input_ids)  # padded into the graphs' static buffers
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -210,7 +216,8 @@ class ModelRunner:
             max_context_len=max(context_lens),
         )
         return ModelInput(
-            input_ids=torch.tensor([ids], dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=torch.tensor([ids], dtype=torch.long).to(dev, non_blocking=True) if input_ids is None
+            else input_ids.view(1, -1),
             positions=torch.tensor([positions], dtype=torch.long).to(dev, non_blocking=True),
             metadata=metadata,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(dev, non_blocking=True),
@@ -237,5 +244,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[0, inp.logits_indices]).float()  # [M, V]
         return ModelOutput(logits=logits, sample_rows=inp.sample_rows, prompt_rows=inp.prompt_rows)
 
-    def execute(self, plan: SchedulerOutput) -> ModelOutput:
-        return self.execute_model(self.prepare_inputs(plan))
+    def execute(self, plan: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelOutput:
+        """prepare_inputs then execute_model; nothing here waits for the device."""
+        return self.execute_model(self.prepare_inputs(plan, input_ids))

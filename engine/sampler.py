@@ -6,6 +6,10 @@ draw. Log-probabilities are read from the raw logits, before any of that.
 Reproducible seeds: each row draws its noise from its own request's generator and samples by an
 exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i), so a
 seeded request's draws do not depend on which other requests share its batch.
+
+`sample` leaves the chosen tokens on the device and never waits for it: per-row settings travel
+host-to-device without a sync and every decision is taken from host data, so the engine can launch
+the next decode step before reading these tokens (engine/overlap.py). `__call__` also reads them.
 """
 from __future__ import annotations
 
@@ -54,12 +58,16 @@ class Sampler:
     def make_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """logits float32 [M, V], one row per entry of rows -> one token id per row (+ logprobs)."""
-        raw = logits
+        token_list = self.sample(logits, rows).tolist()
+        return SamplerOutput(token_ids=token_list, logprobs=self.logprobs(logits, token_list, rows))
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits float32 [M, V] -> int64 token ids [M], left on the device (no host sync)."""
         # The processors below edit in place; most steps need none, and then the raw logits serve
-        # (no copy). Decisions are made from host data, so a greedy step syncs with the GPU once.
+        # (no copy). Decisions are made from host data, so nothing here waits for the GPU.
         if self._edits_logits(rows):
             logits = logits.clone()
             self._mask_stop_tokens(logits, rows)
@@ -71,9 +79,8 @@ class Sampler:
         if not all(greedy):
             sampled = self._sample(logits, rows)
             tokens = sampled if not any(greedy) else torch.where(
-                torch.tensor(greedy, device=logits.device), tokens, sampled)
-        token_list = tokens.tolist()
-        return SamplerOutput(token_ids=token_list, logprobs=self._logprobs(raw, token_list, rows))
+                device_tensor(greedy, logits.device, torch.bool), tokens, sampled)
+        return tokens
 
     # -- logits processors ----------------------------------------------------------------------
     @staticmethod
@@ -87,7 +94,7 @@ class Sampler:
         pairs = [(i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens
                  for t in r.stop_ids if t < logits.shape[1]]
         if pairs:
-            idx = torch.tensor(pairs, device=logits.device).T
+            idx = device_tensor(pairs, logits.device, torch.long).T
             logits[idx[0], idx[1]] = float("-inf")
 
     @staticmethod
@@ -95,9 +102,9 @@ class Sampler:
         triples = [(i, t, b) for i, r in enumerate(rows) if r.params.logit_bias
                    for t, b in r.params.logit_bias.items()]
         if triples:
-            rows_idx = torch.tensor([t[0] for t in triples], device=logits.device)
-            cols = torch.tensor([t[1] for t in triples], device=logits.device)
-            vals = torch.tensor([t[2] for t in triples], dtype=logits.dtype, device=logits.device)
+            rows_idx = device_tensor([t[0] for t in triples], logits.device, torch.long)
+            cols = device_tensor([t[1] for t in triples], logits.device, torch.long)
+            vals = device_tensor([t[2] for t in triples], logits.device, logits.dtype)
             logits.index_put_((rows_idx, cols), vals, accumulate=True)
 
     @staticmethod
@@ -106,22 +113,22 @@ class Sampler:
         m, v = logits.shape
         dev = logits.device
         counts = _token_counts([r.output_ids for r in rows], v, dev)  # [M, V]
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)[:, None]
-        if bool((rep != 1.0).any()):
+        rep = device_tensor([r.params.repetition_penalty for r in rows], dev, torch.float32)[:, None]
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
             seen = (_token_counts([r.prompt_ids for r in rows], v, dev) > 0) | (counts > 0)
             penalised = torch.where(logits > 0, logits / rep, logits * rep)
             logits.copy_(torch.where(seen, penalised, logits))
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)[:, None]
-        pres = torch.tensor([r.params.presence_penalty for r in rows], device=dev)[:, None]
+        freq = device_tensor([r.params.frequency_penalty for r in rows], dev, torch.float32)[:, None]
+        pres = device_tensor([r.params.presence_penalty for r in rows], dev, torch.float32)[:, None]
         logits.sub_(freq * counts + pres * (counts > 0).float())
 
     # -- drawing --------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = logits.device
-        temp = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows], device=dev)
+        temp = device_tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows], dev, torch.float32)
         logits = logits / temp[:, None]
-        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-        if bool((min_p > 0).any()):
+        if any(r.params.min_p > 0 for r in rows):
+            min_p = device_tensor([r.params.min_p for r in rows], dev, torch.float32)
             probs = logits.softmax(dim=-1)
             too_small = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(too_small, float("-inf"))
@@ -130,9 +137,11 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_(
-                generator=self.generator)
+        if len(unseeded) == len(rows):  # the same draws as filling the rows below, without an index
+            noise.exponential_(generator=self.generator)
+        elif unseeded:
+            noise[device_tensor(unseeded, dev, torch.long)] = torch.empty(
+                len(unseeded), probs.shape[1], device=dev).exponential_(generator=self.generator)
         for i, r in enumerate(rows):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
@@ -140,7 +149,9 @@ class Sampler:
 
     # -- log-probabilities ----------------------------------------------------------------------
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SamplingRow]) -> list[RowLogprobs | None]:
+    @torch.inference_mode()
+    def logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SamplingRow]) -> list[RowLogprobs | None]:
+        """Each row's entry (None where its request asked for none) for the tokens chosen from raw logits [M, V]."""
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         out: list[RowLogprobs | None] = [None] * len(rows)
         if not wanted:
@@ -174,7 +185,7 @@ def _token_counts(seqs: list[Sequence[int]], vocab: int, device: torch.device) -
     longest = max((len(s) for s in seqs), default=0)
     if longest:
         # Pad with an extra id `vocab` whose column is dropped afterwards.
-        padded = torch.tensor([list(s) + [vocab] * (longest - len(s)) for s in seqs], device=device)
+        padded = device_tensor([list(s) + [vocab] * (longest - len(s)) for s in seqs], device, torch.long)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab]
 
@@ -183,8 +194,8 @@ def _top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Mask everything outside each row's top-k and its top-p nucleus (one sort for all rows)."""
     m, v = logits.shape
     dev = logits.device
-    k = torch.tensor([r.params.top_k if r.params.top_k > 0 else v for r in rows], device=dev)
-    p = torch.tensor([r.params.top_p for r in rows], device=dev)
+    k = device_tensor([r.params.top_k if r.params.top_k > 0 else v for r in rows], dev, torch.long)
+    p = device_tensor([r.params.top_p for r in rows], dev, torch.float32)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(v, device=dev)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
@@ -193,3 +204,11 @@ def _top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     outside = (mass_before >= p[:, None]) & (p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def device_tensor(values: Sequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the device: on CUDA it is staged in
+    page-locked memory and copied asynchronously (a plain `torch.tensor(..., device=)` syncs the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -11,16 +11,22 @@ When blocks run out, the last running request in scheduling order (lowest priori
 preempted: its blocks are freed and it waits to be recomputed. A waiting request more urgent than
 running ones (a lower priority value) preempts the least urgent of them when it could not start
 otherwise. No torch here.
+
+`schedule_next_decode` plans a decode step before the previous step's tokens are known (overlapped
+decode, engine/overlap.py): the same sequences one position on, their token ids still on the device.
 """
 from __future__ import annotations
 
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
+
+
+UNKNOWN_TOKEN = -1  # the token id of a step planned before its token was sampled (never embedded)
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,25 @@ class Scheduler:
         self.stats.steps += 1
         return SchedulerOutput(seqs=tuple(step.seqs), forks=tuple(forks), preempted=tuple(step.preempted),
                                num_batched_tokens=self.max_num_batched_tokens - step.budget)
+
+    def schedule_next_decode(self, seqs: Sequence[ScheduledSeq]) -> SchedulerOutput | None:
+        """The decode step after `seqs` (decode sequences of running requests), planned before their
+        sampled tokens are known: each sequence one position on, its token UNKNOWN_TOKEN (the runner
+        takes the real ones from the device). None, with nothing allocated, when the KV pool cannot
+        give every sequence its next slot without preempting."""
+        need = sum(self.kv.num_blocks_needed(s.request_id, s.start_pos + 2) for s in seqs)
+        if need > self.kv.num_free_blocks:
+            return None
+        nxt = tuple(ScheduledSeq(request_id=s.request_id, token_ids=(UNKNOWN_TOKEN,), start_pos=s.start_pos + 1,
+                                 block_ids=tuple(self.kv.allocate(s.request_id, s.start_pos + 2)), sample=True,
+                                 prompt_logprobs=False, adapter=s.adapter) for s in seqs)
+        self.stats.steps += 1
+        return SchedulerOutput(seqs=nxt, num_batched_tokens=len(nxt))
+
+    def discard(self, output: SchedulerOutput) -> None:
+        """Forget a planned step that will never be applied (every request in it ended first): it does
+        not count as a step. Blocks it allocated stay with their requests (freed when they end)."""
+        self.stats.steps -= 1
 
     def _schedule_running(self, step: _Step) -> None:
         i = 0
