@@ -336,12 +336,50 @@ def test_switches(model_dir, monkeypatch):
     assert engine_for(model_dir, overlap=False).overlap
 
 
-# -- GPU ----------------------------------------------------------------------------------------
-def _gpu_engine(model, overlap: bool, eager: bool) -> Engine:
-    config = EngineConfig(device="cuda", max_model_len=256, block_size=BLOCK, max_num_seqs=16,
+# -- the same comparison on a peaked random model, with CUDA graphs on a GPU ----------------------
+def _random_model_engine(model, device: str, overlap: bool, eager: bool = False) -> Engine:
+    config = EngineConfig(device=device, max_model_len=256, block_size=BLOCK, max_num_seqs=16,
                           max_num_batched_tokens=96, gpu_memory_utilization=0.3,
+                          kv_cache_tokens=None if device == "cuda" else 4096,
                           extra={"overlap_decode": overlap, "enforce_eager": eager})
-    return Engine(config, model=copy.deepcopy(model).cuda(), tokenizer=None)
+    return Engine(config, model=copy.deepcopy(model).to(device), tokenizer=None)
+
+
+def compare_on_random_model(model, device: str, eager: bool = False) -> None:
+    rng = random.Random(9)
+    requests = [(f"r{i}", [rng.randrange(3, 128) for _ in range(rng.randint(1, 150))], rng.randint(1, 60))
+                for i in range(20)]
+    probe = _random_model_engine(model, device, overlap=False, eager=eager)
+    for rid, ids, max_tokens in requests:
+        probe.add_request(rid, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **GREEDY))
+    free_running = {rid: r.outputs[0].token_ids for rid, r in run_to_completion(probe).items()}
+    del probe
+    first = []
+    for i, (rid, ids, max_tokens) in enumerate(requests):
+        out = free_running[rid]
+        # Every third request stops on a token of its own output, as on EOS: it ends mid-way.
+        stop = [out[len(out) // 2]] if i % 3 == 0 and len(out) > 2 else []
+        params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stop, ignore_eos=True, **GREEDY)
+        if i % 5 == 4:  # seeded sampling (on peaked logits), through the sampler's device path
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i, ignore_eos=True)
+        first.append(("add", rid, ids, params))
+    script = {0: first[:12], 5: first[12:], 20: [("abort", "r1")]}
+    results, engines = [], []
+    for overlap in (False, True):
+        eng = _random_model_engine(model, device, overlap, eager)
+        results.append(drive(eng, script))
+        engines.append(eng)
+    assert results[1] == results[0]
+    assert sum(r[0][1] == "stop" for r in results[0].values()) >= 3
+    assert engines[1].stats().overlapped_steps > 20 and engines[0].stats().overlapped_steps == 0
+    assert all(e.stats().kv_blocks_used == 0 for e in engines)
+    assert (engines[1].runner.graphs is not None) == (device == "cuda" and not eager)
+
+
+def test_random_model_on_the_cpu():
+    from test_fused_path import peaked_model
+
+    compare_on_random_model(peaked_model(3), "cpu")
 
 
 @pytest.mark.gpu
@@ -350,29 +388,4 @@ def _gpu_engine(model, overlap: bool, eager: bool) -> Engine:
 def test_gpu_overlapped_decode_gives_the_synchronous_tokens(eager):
     from test_fused_path import peaked_model
 
-    model = peaked_model(3).to(torch.bfloat16)
-    rng = random.Random(9)
-    probe = _gpu_engine(model, overlap=False, eager=eager)
-    probe.add_request("probe", [rng.randrange(3, 128) for _ in range(20)],
-                      SamplingParams(max_tokens=60, ignore_eos=True, **GREEDY))
-    common = collections.Counter(run_to_completion(probe)["probe"].outputs[0].token_ids).most_common(1)[0][0]
-    del probe
-    first = []
-    for i in range(20):
-        ids = [rng.randrange(3, 128) for _ in range(rng.randint(1, 150))]
-        stop = [common] if i % 3 == 0 else []  # ends mid-way, as EOS would
-        params = SamplingParams(max_tokens=rng.randint(1, 60), stop_token_ids=stop, ignore_eos=True, **GREEDY)
-        if i % 5 == 4:  # seeded sampling on a peaked model, through the sampler's device path
-            params = SamplingParams(max_tokens=rng.randint(1, 60), temperature=0.8, seed=i, ignore_eos=True)
-        first.append(("add", f"r{i}", ids, params))
-    script = {0: first[:12], 5: first[12:], 20: [("abort", "r1")]}
-    results, engines = [], []
-    for overlap in (False, True):
-        eng = _gpu_engine(model, overlap, eager)
-        results.append(drive(eng, script))
-        engines.append(eng)
-    assert results[1] == results[0]
-    assert engines[1].stats().overlapped_steps > 20 and engines[0].stats().overlapped_steps == 0
-    assert all(e.stats().kv_blocks_used == 0 for e in engines)
-    if not eager:
-        assert engines[1].runner.graphs is not None
+    compare_on_random_model(peaked_model(3).to(torch.bfloat16), "cuda", eager)
