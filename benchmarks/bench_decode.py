@@ -67,8 +67,10 @@ def make_engine(model, device: str, enforce_eager: bool = False) -> Engine:
 class StepTimer:
     """Wall time of each phase of Engine.step(), by wrapping the engine's collaborators on the instance."""
 
+    # With overlapped decode, "_land" (waiting for a step's tokens, then "update" and "_make_outputs",
+    # which are also listed on their own) runs while the next step is already on the GPU.
     PHASES = (("scheduler", "schedule"), ("runner", "prepare_inputs"), ("runner", "execute_model"),
-              (None, "_sample"), ("scheduler", "update"), (None, "_make_outputs"))
+              (None, "_sample"), (None, "_land"), ("scheduler", "update"), (None, "_make_outputs"))
 
     def __init__(self, engine: Engine):
         self.totals = {name: 0.0 for _, name in self.PHASES}
@@ -197,6 +199,7 @@ def bench_shape(shape: str, args, bandwidth: float) -> list[dict]:
             "engine_init_s": init_s, "graph_capture_s": engine.runner.cuda_graph_capture_s,
             "graph_batch_sizes": engine.runner.graphs.sizes if engine.runner.graphs else [],
             "phase_ms_per_step": timer.per_step_ms(steps), "runs": result["runs"],
+            "overlap_decode": engine.overlap, "overlapped_steps": engine.stats().overlapped_steps,
         }
         del engine, timer
         release()
