@@ -70,7 +70,7 @@ def _cases():
                                                   PREC="tf32", BLOCK_N=bn), warps, stages, bn * 128 * 2 * 2)
 
     lora_ptrs = dict(x_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", scale_ptr="*fp32",
-                     rescale_ptr="*fp32", crows_ptr="*i32", cslot_ptr="*i32", clen_ptr="*i32")
+                     rescale_ptr="*fp32", rows_ptr="*i32", cslot_ptr="*i32", cstart_ptr="*i32", clen_ptr="*i32")
 
     def shrink(bm, br):  # loop bytes: the A tile (the adapter weight) per K step
         return (_shrink_kernel, lora_ptrs, dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=128, PREC="tf32"), 4, 3, br * 128 * 2)

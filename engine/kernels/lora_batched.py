@@ -41,9 +41,6 @@ class LoraSegments:
     groups: tuple[tuple[int, int, int], ...]  # host copy: (slot, start in rows, count) per slot
     block_m: int
     num_tokens: int  # N, the flat batch size (adapter and base tokens)
-    # [C, block_m] each chunk's token rows, padded: the kernels fetch a chunk's rows together with its
-    # slot and length (one memory round trip), not after reading where they start in `rows`.
-    chunk_rows: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -67,10 +64,9 @@ def _by_slot(token_slots: Sequence[int]) -> dict[int, list[int]]:
 
 
 def _group(by_slot: dict[int, list[int]], block_m: int):
-    """(rows, groups, chunk slots, chunk starts, chunk lengths, chunk rows padded to block_m with 0) as
-    host lists."""
+    """(rows, groups, chunk slots, chunk starts, chunk lengths) as host lists."""
     rows: list[int] = []
-    groups, c_slot, c_start, c_len, c_rows = [], [], [], [], []
+    groups, c_slot, c_start, c_len = [], [], [], []
     for slot in sorted(by_slot):
         members = by_slot[slot]
         groups.append((slot, len(rows), len(members)))
@@ -78,10 +74,8 @@ def _group(by_slot: dict[int, list[int]], block_m: int):
             c_slot.append(slot)
             c_start.append(len(rows) + off)
             c_len.append(min(block_m, len(members) - off))
-            chunk = members[off:off + block_m]
-            c_rows.extend(chunk + [0] * (block_m - len(chunk)))
         rows.extend(members)
-    return rows, tuple(groups), c_slot, c_start, c_len, c_rows
+    return rows, tuple(groups), c_slot, c_start, c_len
 
 
 def build_segments(token_slots: Sequence[int], device: torch.device | str = "cpu",
@@ -97,13 +91,12 @@ def build_segments(token_slots: Sequence[int], device: torch.device | str = "cpu
         # Long groups (prefill) run best in large tiles; short ones (decode) waste less in small ones.
         mean = sum(len(r) for r in by_slot.values()) / len(by_slot)
         block_m = LARGE_BLOCK_M if mean > LARGE_BLOCK_M else SMALL_BLOCK_M
-    rows, groups, c_slot, c_start, c_len, c_rows = _group(by_slot, block_m)
-    packed = torch.tensor(rows + c_slot + c_start + c_len + c_rows, dtype=torch.int32).to(device, non_blocking=True)
+    rows, groups, c_slot, c_start, c_len = _group(by_slot, block_m)
+    packed = torch.tensor(rows + c_slot + c_start + c_len, dtype=torch.int32).to(device, non_blocking=True)
     n_rows, n_chunks = len(rows), len(c_slot)
-    views = torch.split(packed, [n_rows, n_chunks, n_chunks, n_chunks, n_chunks * block_m])
+    views = torch.split(packed, [n_rows, n_chunks, n_chunks, n_chunks])
     return LoraSegments(rows=views[0], chunk_slot=views[1], chunk_start=views[2], chunk_len=views[3],
-                        groups=groups, block_m=block_m, num_tokens=len(token_slots),
-                        chunk_rows=views[4].view(n_chunks, block_m))
+                        groups=groups, block_m=block_m, num_tokens=len(token_slots))
 
 
 def chunk_capacity(num_tokens: int, num_slots: int, block_m: int = SMALL_BLOCK_M) -> int:
@@ -138,7 +131,7 @@ class StaticSegments:
     def __init__(self, max_tokens: int, num_slots: int, device: torch.device):
         self.max_tokens, self.num_slots = max_tokens, num_slots
         self.max_chunks = chunk_capacity(max_tokens, num_slots)
-        size = max_tokens + 3 * self.max_chunks + self.max_chunks * SMALL_BLOCK_M
+        size = max_tokens + 3 * self.max_chunks
         self.device_buf = torch.zeros(size, dtype=torch.int32, device=device)
         self.host_buf = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.host_np = self.host_buf.numpy()  # filled through numpy: no tensor built per list
@@ -147,26 +140,23 @@ class StaticSegments:
     def view(self, n: int, chunks: int | None = None) -> LoraSegments:
         c = chunk_capacity(n, self.num_slots) if chunks is None else chunks
         assert c <= self.max_chunks and n <= self.max_tokens, "larger than the buffers"
-        meta = self.device_buf[self.max_tokens:self.max_tokens + 3 * self.max_chunks].view(3, self.max_chunks)
-        rows = self.device_buf[self.max_tokens + 3 * self.max_chunks:].view(self.max_chunks, SMALL_BLOCK_M)
-        return LoraSegments(rows=self.device_buf[:n], chunk_slot=meta[0, :c], chunk_start=meta[1, :c],
-                            chunk_len=meta[2, :c], groups=(), block_m=SMALL_BLOCK_M, num_tokens=n,
-                            chunk_rows=rows[:c])
+        chunk_rows = self.device_buf[self.max_tokens:].view(3, self.max_chunks)
+        return LoraSegments(rows=self.device_buf[:n], chunk_slot=chunk_rows[0, :c], chunk_start=chunk_rows[1, :c],
+                            chunk_len=chunk_rows[2, :c], groups=(), block_m=SMALL_BLOCK_M, num_tokens=n)
 
     def fill(self, token_slots: Sequence[int], n: int) -> int:
         """Write the grouping of `token_slots` (padded to n tokens) into the buffers the graphs read; returns
         the step's real chunk count (run it in a graph whose chunk grid holds at least that many)."""
-        rows, _, c_slot, c_start, c_len, c_rows = _group(_by_slot(token_slots), SMALL_BLOCK_M)
+        rows, _, c_slot, c_start, c_len = _group(_by_slot(token_slots), SMALL_BLOCK_M)
         k = len(c_slot)
         assert k <= chunk_capacity(n, self.num_slots) and len(token_slots) <= n, "more chunks than a grid holds"
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the host buffer
         host = self.host_np
         host[:len(rows)] = rows
-        meta = host[self.max_tokens:self.max_tokens + 3 * self.max_chunks].reshape(3, self.max_chunks)
-        meta[0, :k], meta[1, :k], meta[2, :k] = c_slot, c_start, c_len
-        meta[2, k:] = 0
-        host[self.max_tokens + 3 * self.max_chunks:][:len(c_rows)] = c_rows
+        chunk_rows = host[self.max_tokens:].reshape(3, self.max_chunks)
+        chunk_rows[0, :k], chunk_rows[1, :k], chunk_rows[2, :k] = c_slot, c_start, c_len
+        chunk_rows[2, k:] = 0
         self.device_buf.copy_(self.host_buf, non_blocking=True)
         if self.copied is not None:
             self.copied.record()

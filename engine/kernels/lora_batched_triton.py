@@ -32,21 +32,21 @@ EXPAND_PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, part_ptr, crows_ptr, cslot_ptr, clen_ptr,
+    x_ptr, a_ptr, part_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
     K, R, k_per_split,
     stride_xm, stride_as, stride_ar, stride_ps, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    m = tl.arange(0, BLOCK_M)
-    # The chunk's length, slot and (padded) rows are independent loads: one memory round trip.
     count = tl.load(clen_ptr + chunk)
-    slot = tl.load(cslot_ptr + chunk).to(tl.int64)
-    rows = tl.load(crows_ptr + chunk * BLOCK_M + m).to(tl.int64)
+    slot = tl.load(cslot_ptr + chunk).to(tl.int64)  # loaded with the count: one round trip, not two
+    start = tl.load(cstart_ptr + chunk)
     if count == 0:  # a spare entry of a fixed CUDA-graph grid
         return
+    m = tl.arange(0, BLOCK_M)
     m_ok = m < count
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
     k_lo = split * k_per_split
@@ -61,30 +61,26 @@ def _shrink_kernel(
         at = tl.load(a_base + r[:, None] * stride_ar + k[None, :], mask=r_ok[:, None] & k_ok[None, :],
                      other=0.0)  # [BLOCK_R, BLOCK_K]
         acc = tl.dot(xt, tl.trans(at), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_R]
-    # Every row of the chunk's block is written (rows past its length hold zeros: their x was masked),
-    # so the expand may read the whole block unmasked.
-    tl.store(part_ptr + split * stride_ps + (chunk * BLOCK_M + m)[:, None] * stride_pm + r[None, :], acc)
+    out = part_ptr + split * stride_ps + (start + m)[:, None] * stride_pm + r[None, :]
+    tl.store(out, acc, mask=m_ok[:, None])
 
 
 @triton.jit
-def _slice_partials(part_ptr, chunk, m, r, r_ok, i, slice_rank, stride_ps, stride_pm,
+def _slice_partials(part_ptr, start, m, m_ok, r, r_ok, i, slice_rank, stride_ps, stride_pm,
                     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, FULL_R: tl.constexpr):
     """Sum of the shrink's split-K partials for slice i's rank columns, [BLOCK_M, BLOCK_R] fp32 (the
-    splits unrolled, so that their loads are in flight together). Rows past the chunk's length are
-    read too (the shrink wrote zeros there), so the loads need nothing but the chunk index."""
+    splits unrolled, so that their loads are in flight together)."""
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    mask = m_ok[:, None] if FULL_R else m_ok[:, None] & r_ok[None, :]
     for sk in tl.static_range(SPLITS):
-        ptrs = part_ptr + sk * stride_ps + (chunk * BLOCK_M + m)[:, None] * stride_pm + i * slice_rank + r[None, :]
-        if FULL_R:
-            t += tl.load(ptrs)
-        else:
-            t += tl.load(ptrs, mask=r_ok[None, :], other=0.0)
+        t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
+                     mask=mask, other=0.0)
     return t
 
 
 @triton.jit
 def _expand_kernel(
-    part_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, crows_ptr, cslot_ptr, clen_ptr,
+    part_ptr, b_ptr, y_ptr, scale_ptr, rescale_ptr, rows_ptr, cslot_ptr, cstart_ptr, clen_ptr,
     N, slice_rank, off1, off2, tiles_per_program,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_ym, stride_gs,
     HAS_RESCALE: tl.constexpr, SPLITS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -94,25 +90,25 @@ def _expand_kernel(
     # partials' and B's rows load as whole vectors rather than element by element.
     chunk = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m = tl.arange(0, BLOCK_M)
-    r = tl.arange(0, BLOCK_R)  # rank columns of one slice
-    r_ok = r < slice_rank
-    # The chunk's length, slot, rows and rank vectors (the shrink's partials, summed) are all
-    # independent loads, issued together: one memory round trip before B and y.
     count = tl.load(clen_ptr + chunk)
-    slot = tl.load(cslot_ptr + chunk).to(tl.int64)
-    rows = tl.load(crows_ptr + chunk * BLOCK_M + m).to(tl.int64)
-    t0 = _slice_partials(part_ptr, chunk, m, r, r_ok, 0, slice_rank, stride_ps, stride_pm,
-                         SPLITS, BLOCK_M, BLOCK_R, FULL_R)
-    if NUM_SLICES > 1:
-        t1 = _slice_partials(part_ptr, chunk, m, r, r_ok, 1, slice_rank, stride_ps, stride_pm,
-                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
-    if NUM_SLICES > 2:
-        t2 = _slice_partials(part_ptr, chunk, m, r, r_ok, 2, slice_rank, stride_ps, stride_pm,
-                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    slot = tl.load(cslot_ptr + chunk).to(tl.int64)  # loaded with the count: one round trip, not two
+    start = tl.load(cstart_ptr + chunk)
     if count == 0:  # a spare entry of a fixed CUDA-graph grid
         return
+    m = tl.arange(0, BLOCK_M)
     m_ok = m < count
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)  # rank columns of one slice
+    r_ok = r < slice_rank
+    # The chunk's rank vectors, once for all of the program's tiles (a slice's t is zero-cost when unused).
+    t0 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 0, slice_rank, stride_ps, stride_pm,
+                         SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    if NUM_SLICES > 1:
+        t1 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 1, slice_rank, stride_ps, stride_pm,
+                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    if NUM_SLICES > 2:
+        t2 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 2, slice_rank, stride_ps, stride_pm,
+                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
     scale = tl.load(scale_ptr + slot)
     b_base = b_ptr + slot * stride_bs
     # A program walks `tiles_per_program` consecutive BLOCK_N tiles: the round trips above are paid
@@ -182,8 +178,8 @@ def _slice_bounds(n_out: int, r: int, slices: Sequence[int] | None) -> tuple[int
 def shrink_partials(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor) -> torch.Tensor:
     """An uninitialised buffer for the shrink's partials of x A^T: fp32 [splits, rows, BLOCK_R]."""
     splits, _ = split_k(x.shape[1], seg.num_chunks, num_sms(x.device))
-    return torch.empty(splits, seg.num_chunks * seg.block_m, max(16, triton.next_power_of_2(a.shape[1])),
-                       device=x.device, dtype=torch.float32)
+    return torch.empty(splits, seg.num_rows, max(16, triton.next_power_of_2(a.shape[1])), device=x.device,
+                       dtype=torch.float32)
 
 
 def lora_shrink_triton(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor,
@@ -199,10 +195,9 @@ def lora_shrink_triton(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor,
     block_r = max(16, triton.next_power_of_2(r))
     splits, per_split = split_k(k, num_chunks, num_sms(x.device))
     part = shrink_partials(x, seg, a) if part is None else part
-    assert part.shape == (splits, num_chunks * seg.block_m, block_r) and part.dtype == torch.float32
-    assert seg.chunk_rows is not None and seg.chunk_rows.shape == (num_chunks, seg.block_m)
+    assert part.shape == (splits, seg.num_rows, block_r) and part.dtype == torch.float32
     _shrink_kernel[(num_chunks, splits)](
-        x, a, part, seg.chunk_rows, seg.chunk_slot, seg.chunk_len,
+        x, a, part, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
         k, r, per_split,
         x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
         BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, PREC=dot_precision(x.dtype), num_warps=4,
@@ -221,7 +216,7 @@ def lora_expand_triton(y: torch.Tensor, part: torch.Tensor, seg: LoraSegments, b
     block_n, warps, per_program = expand_tile(n_out, seg.num_chunks, seg.block_m, num_sms(y.device))
     g = rescale if rescale is not None else scaling  # unused pointer when there is no rescale
     _expand_kernel[(seg.num_chunks, triton.cdiv(n_out, block_n * per_program))](
-        part, b, y, scaling, g, seg.chunk_rows, seg.chunk_slot, seg.chunk_len,
+        part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
         n_out, slice_rank, off1, off2, per_program,
         part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
         HAS_RESCALE=rescale is not None, SPLITS=part.shape[0], NUM_SLICES=len(slices) if slices else 1,

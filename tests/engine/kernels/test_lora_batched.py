@@ -68,7 +68,6 @@ def test_build_segments_groups_and_chunks():
     assert seg.chunk_slot.tolist() == [0, 2, 2, 2]
     assert seg.chunk_start.tolist() == [0, 2, 4, 6]
     assert seg.chunk_len.tolist() == [2, 2, 2, 1]
-    assert seg.chunk_rows.tolist() == [[2, 6], [0, 3], [4, 7], [8, 0]]  # each chunk's rows, padded with 0
     assert seg.num_tokens == 9
     assert build_segments([-1, -1]) is None
     assert build_segments([1] * 200).block_m == 64 and build_segments([0, 1, 2]).block_m == 16
