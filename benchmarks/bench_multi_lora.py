@@ -8,12 +8,15 @@ against the base model alone, measured in the same run.
 Random-weight model and random rank-16 adapters (written to a temporary LoRA root and loaded through
 the registry, as the server does). Every configuration queues the same `--batch` requests
 (prompt `--prompt-len`, output `--output-len`, ignore_eos) at once and steps the engine to the end.
-Reported per configuration, median over `--repeats`: output tokens/s for the whole run, and the
-decode-phase tokens/s (steps where every sequence computes one token), the decode step's median wall
-time (`decode_step_ms_median`: host preparation, graph replay and the wait for the GPU), the host
-time of each phase of Engine.step() averaged over all steps (`phase_ms_per_step`, bench_decode's
-StepTimer), and on CUDA the GPU time of the largest decode batch's graph alone (`gpu_step_ms`: replayed
-on the inputs of the last step that ran it, CUDA events), so that step time splits into GPU and host.
+Reported per configuration, median over `--repeats`: output tokens/s for the whole run; decode-phase
+tokens/s, by wall clock from the step that gave the last request its first token to the end (the
+engine as it serves: with overlapped decode on CUDA) and the mean step time there
+(`decode_step_ms_mean`); the host time of each phase of Engine.step() averaged over all steps
+(`phase_ms_per_step`, bench_decode's StepTimer); and on CUDA the GPU time of the largest decode
+batch's graph alone (`gpu_step_ms`: replayed on the inputs of the last step that ran it, CUDA events).
+With --step-breakdown every step is also split into host preparation, launch and the wait for the
+GPU (`decode_{prepare,launch,wait}_ms_median`, `decode_step_ms_median`); that timer waits for each
+step's GPU work, so steps then run synchronously.
 
 With --overlap-ab the largest count runs once more on an engine whose shrinks run after their base
 projections instead of beside them on a side stream (EMBER_LORA_OVERLAP=0), an A/B of that overlap.
@@ -130,36 +133,55 @@ class LastGraph:
         return statistics.median(samples)
 
 
-def run(engine: Engine, timer: StepTimer, adapters: list[str | None], args, tag: str) -> dict:
+def run(engine: Engine, timer: "StepTimer | None", adapters: list[str | None], args, tag: str) -> dict:
+    """One batch to the end. The decode phase runs from the step that gave the last request its first
+    token to the end; its rate is tokens over wall time, so it holds with overlapped decode too."""
     gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    for i in range(args.batch):
+    ids = [f"{tag}-{i}" for i in range(args.batch)]
+    for i, rid in enumerate(ids):
         prompt = torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()
-        engine.add_request(f"{tag}-{i}", prompt, params, lora=adapters[i % len(adapters)])
-    timer.records.clear()
-    timer.decode_parts.clear()
+        engine.add_request(rid, prompt, params, lora=adapters[i % len(adapters)])
+    if timer is not None:
+        timer.records.clear()
+        timer.decode_parts.clear()
     before = engine.stats().generation_tokens_total
+    waiting_first = set(ids)
+    decode_start = decode_tokens0 = None
+    decode_steps = 0
     start = time.perf_counter()
     while engine.has_unfinished():
-        engine.step()
-    elapsed = time.perf_counter() - start
-    tokens = engine.stats().generation_tokens_total - before
-    decode = [(s, n) for s, n, d in timer.records if d]
-    decode_s = sum(s for s, _ in decode)
-    return {"seconds": elapsed, "output_tokens_per_s": tokens / elapsed,
-            "decode_tokens_per_s": sum(n for _, n in decode) / decode_s if decode_s else 0.0,
-            "decode_step_ms_median": 1e3 * statistics.median(s for s, _ in decode) if decode else 0.0,
-            **{f"decode_{part}_ms_median": 1e3 * statistics.median(p[i] for p in timer.decode_parts)
-               for i, part in enumerate(("prepare", "launch", "wait")) if timer.decode_parts},
-            "steps": len(timer.records)}
+        outs = engine.step()
+        if decode_start is not None:
+            decode_steps += 1
+            continue
+        waiting_first.difference_update(o.request_id for o in outs if any(c.token_ids for c in o.outputs))
+        if not waiting_first:
+            decode_start, decode_tokens0 = time.perf_counter(), engine.stats().generation_tokens_total
+    end = time.perf_counter()
+    total = engine.stats().generation_tokens_total
+    decode_s = end - decode_start if decode_start is not None else 0.0
+    out = {"seconds": end - start, "output_tokens_per_s": (total - before) / (end - start),
+           "decode_tokens_per_s": (total - decode_tokens0) / decode_s if decode_s else 0.0,
+           "decode_step_ms_mean": 1e3 * decode_s / decode_steps if decode_steps else 0.0}
+    if timer is not None:
+        decode = [s for s, _, d in timer.records if d]
+        out["decode_step_ms_median"] = 1e3 * statistics.median(decode) if decode else 0.0
+        out.update({f"decode_{part}_ms_median": 1e3 * statistics.median(p[i] for p in timer.decode_parts)
+                    for i, part in enumerate(("prepare", "launch", "wait")) if timer.decode_parts})
+        out["steps"] = len(timer.records)
+    return out
 
 
 class Probes:
-    """The timers of one engine, installed once (wrapping again per configuration would nest them)."""
+    """The timers of one engine, installed once (wrapping again per configuration would nest them).
+    The per-step split (StepTimer) waits for each step's GPU work, which makes every step synchronous:
+    only with --step-breakdown."""
 
-    def __init__(self, engine: Engine):
-        self.steps, self.phases, self.last = StepTimer(engine), PhaseTimer(engine), LastGraph(engine)
+    def __init__(self, engine: Engine, breakdown: bool = False):
+        self.steps = StepTimer(engine) if breakdown else None
+        self.phases, self.last = PhaseTimer(engine), LastGraph(engine)
 
 
 def measure(engine: Engine, probes: Probes, adapters: list[str | None], args, name: str) -> dict:
@@ -167,10 +189,13 @@ def measure(engine: Engine, probes: Probes, adapters: list[str | None], args, na
     run(engine, timer, adapters, args, f"{name}-warmup")
     phases.totals = dict.fromkeys(phases.totals, 0.0)
     last.graph, last.batch = None, 0
+    steps_before = engine.stats().num_steps
     runs = [run(engine, timer, adapters, args, f"{name}-{r}") for r in range(args.repeats)]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {"name": name, "distinct_adapters": len([a for a in adapters if a]), "median": median, "runs": runs,
-            "phase_ms_per_step": phases.per_step_ms(sum(r["steps"] for r in runs)), "gpu_step_ms": last.replay_ms()}
+            "phase_ms_per_step": phases.per_step_ms(max(1, engine.stats().num_steps - steps_before)),
+            "gpu_step_ms": last.replay_ms(), "overlap_decode": engine.overlap,
+            "overlapped_steps": engine.stats().overlapped_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", default="out/bench_multi_lora.json")
+    ap.add_argument("--step-breakdown", action="store_true",
+                    help="time each step's preparation, launch and GPU wait (makes every step synchronous)")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run the largest adapter count with the shrinks in order (EMBER_LORA_OVERLAP=0)")
     args = ap.parse_args(argv)
@@ -200,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(EngineConfig(**engine_config), model=build_model(args.shape, args.device, dtype, args.seed),
                     tokenizer=None)
-    results.append(measure(engine, Probes(engine), [None], args, "base, LoRA off"))
+    results.append(measure(engine, Probes(engine, args.step_breakdown), [None], args, "base, LoRA off"))
     capture_s = {"LoRA off": engine.runner.cuda_graph_capture_s}
     del engine
     gc.collect()
@@ -223,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         capture_s["LoRA on"] = engine.runner.cuda_graph_capture_s
         graphs = engine.runner.graphs
         adapter_graphs = len(graphs.adapter_graphs) if graphs is not None else 0
-        probes = Probes(engine)
+        probes = Probes(engine, args.step_breakdown)
         results.append(measure(engine, probes, [None], args, "base, LoRA on"))
         for n in counts:
             results.append(measure(engine, probes, names[:n], args, f"{n} adapters"))
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 del os.environ["EMBER_LORA_OVERLAP"]
             for name in names[:max(counts)]:
                 engine.adapters.load(name, name)
-            results.append(measure(engine, Probes(engine), names[:max(counts)], args,
+            results.append(measure(engine, Probes(engine, args.step_breakdown), names[:max(counts)], args,
                                    f"{max(counts)} adapters, shrink in order"))
             del engine
     del model
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # different host times, so the baseline is the faster of the two runs (order cannot flatter).
     engine = Engine(EngineConfig(**engine_config), model=build_model(args.shape, args.device, dtype, args.seed),
                     tokenizer=None)
-    results.append(measure(engine, Probes(engine), [None], args, "base, LoRA off (last)"))
+    results.append(measure(engine, Probes(engine, args.step_breakdown), [None], args, "base, LoRA off (last)"))
     del engine
 
     bases = [r for r in results if r["name"].startswith("base, LoRA off")]
@@ -265,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         r["decode_ratio_vs_base"] = m["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         gpu = f"{r['gpu_step_ms']:.3f}" if r["gpu_step_ms"] is not None else "-"
         phases = " ".join(f"{k.strip('_')} {v:.3f}" for k, v in r["phase_ms_per_step"].items())
+        step_ms = m.get("decode_step_ms_median", m["decode_step_ms_mean"])
         print(f"{r['name']:<18}{m['output_tokens_per_s']:>12.1f}{m['decode_tokens_per_s']:>14.1f}"
-              f"{m['decode_step_ms_median']:>16.2f}{gpu:>8}{r['decode_ratio_vs_base']:>9.3f}  {phases}")
+              f"{step_ms:>16.2f}{gpu:>8}{r['decode_ratio_vs_base']:>9.3f}  {phases}")
     print(f"adapter load {1e3 * load_s:.1f} ms each (files written in {write_s:.1f} s); slot evictions {evictions}")
     print(f"CUDA-graph capture: {capture_s['LoRA off']:.1f} s without adapters, {capture_s['LoRA on']:.1f} s with "
           f"({adapter_graphs} adapter graphs)")
