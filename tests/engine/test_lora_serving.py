@@ -182,6 +182,30 @@ def test_side_stream_shrink_gives_the_same_logits(base_model, lora_root, kind, m
         assert torch.equal(on, off)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_overlapped_decode_serves_adapters_like_synchronous_steps(base_model, lora_root, device):
+    """Decode steps launched ahead (their adapter grouping prepared while the previous step runs) give
+    every request the tokens of the synchronous engine, requests ending at different steps included."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tokens = {}
+    for overlap in (False, True):
+        engine = make_engine(base_model, lora_root, device=device, extra={"overlap_decode": overlap})
+        for name in ("x", "y", "d"):
+            engine.adapters.load(name, name)
+        names = {"a": "x", "b": "y", "c": None, "e": "d", "f": "x"}
+        for i, ((rid, name), prompt) in enumerate(zip(names.items(), prompts(5, 9, seed=11))):
+            params = SamplingParams(max_tokens=6 + 2 * i, temperature=0.0, ignore_eos=True)
+            engine.add_request(rid, prompt, params, lora=name)
+        got: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        assert (engine.stats().overlapped_steps > 0) == overlap
+        tokens[overlap] = got
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 5
+
+
 def test_more_adapters_than_slots_wait_their_turn(base_model, lora_root):
     engine = make_engine(base_model, lora_root, max_loras=2)
     for name in ("x", "y", "d"):
