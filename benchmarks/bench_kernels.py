@@ -186,15 +186,23 @@ def quant_candidates(bits: int, m: int) -> list:
             out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 256, 8, 1, **gemv), T(1, 128, 8, 1, **gemv),
                     T(1, 64, 2, 1, **gemv), T(1, 128, 4, 1, prefetch=0, **gemv)]
             # Packed-half GEMV: 8 W rows a thread (BLOCK_N / (8 x warps)) amortize the activation
-            # pairs best (4.5 instructions a byte), 4 rows leave more warps an SM (5.3); waves
-            # match the blocks an SM holds by registers (~180 / ~128 a thread), then twice that.
+            # pairs best (4.5 instructions a byte), 4 rows leave more warps an SM (5.3). The first
+            # sweep's winner was the smallest tile (64 rows, 2 warps): tiles of 1-2 warps, many
+            # programs; waves near the blocks an SM holds by registers, then twice that.
             h2 = dict(kernel="gemv_h2")
-            out += [T(1, 256, 4, 1, waves=3, **h2), T(1, 128, 2, 1, waves=5, **h2), T(1, 128, 4, 1, waves=4, **h2),
-                    T(1, 64, 2, 1, waves=8, **h2), T(1, 256, 8, 1, waves=2, **h2), T(1, 256, 4, 1, waves=6, **h2),
-                    T(1, 128, 2, 1, waves=10, **h2)]
+            out += [T(1, 64, 2, 1, waves=2, **h2), T(1, 64, 2, 1, waves=8, **h2), T(1, 64, 2, 1, waves=3, **h2),
+                    T(1, 64, 2, 1, waves=6, **h2), T(1, 32, 1, 1, waves=6, **h2), T(1, 32, 1, 1, waves=12, **h2),
+                    T(1, 64, 1, 1, waves=4, **h2), T(1, 64, 1, 1, waves=8, **h2), T(1, 128, 2, 1, waves=3, **h2),
+                    T(1, 128, 2, 1, waves=6, **h2), T(1, 256, 4, 1, waves=3, **h2), T(1, 128, 4, 1, waves=4, **h2)]
         else:
             out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 64, 4, 1, block_k=256, **gemv),
                     T(1, 128, 8, 1, **gemv)]
+            # int8 packed-half GEMV: 8 rows a thread (n256 w4, n128 w2, n64 w1) take 2.5
+            # instructions a byte, 4 rows (n128 w4, n64 w2, n32 w1) 2.85 at fewer registers.
+            h2 = dict(kernel="gemv_h2")
+            out += [T(1, 128, 2, 1, waves=3, **h2), T(1, 128, 2, 1, waves=6, **h2), T(1, 256, 4, 1, waves=3, **h2),
+                    T(1, 64, 1, 1, waves=4, **h2), T(1, 64, 1, 1, waves=8, **h2), T(1, 64, 2, 1, waves=4, **h2),
+                    T(1, 64, 2, 1, waves=8, **h2), T(1, 32, 1, 1, waves=8, **h2), T(1, 128, 4, 1, waves=4, **h2)]
     elif m <= 4:  # four activation rows: wider tiles spill registers
         out += [T(4, 64, 4, 1, **gemv), T(4, 128, 8, 1, **gemv)]
     if m <= 16:

@@ -9,6 +9,7 @@ it); no driver or GPU. Run it with the Triton version the GPU machine uses (3.6 
     python benchmarks/sass_report.py                 # every case
     python benchmarks/sass_report.py int4_gemv_m1    # cases whose name contains this
     python benchmarks/sass_report.py int4_gemv_h2    # the packed-half int4 GEMV
+    python benchmarks/sass_report.py int8_gemv_h2    # its int8 variant
     python benchmarks/sass_report.py lora_           # the batched-LoRA shrink and expand kernels
 """
 from __future__ import annotations
@@ -49,9 +50,10 @@ def _cases():
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
                                          PREFETCH=2), warps, 1, bn * words * 4)
 
-    def gemv_h2(bn, warps):  # the hot loop is UNROLL steps of one group each
-        return (_gemv_h2_kernel, PTRS, dict(WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0, SKIND=0,
-                                            PRE=PRE_COLS, UNROLL=UNROLL, EMULATE=False), warps, 1, bn * 64 * UNROLL)
+    def gemv_h2(bn, warps, bits=4):  # the hot loop is UNROLL steps of 16 words (64 bytes) a row
+        return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
+                                            SKIND=0, PRE=PRE_COLS, UNROLL=UNROLL, EMULATE=False), warps, 1,
+                bn * 64 * UNROLL)
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -89,7 +91,10 @@ def _cases():
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),
         "int4_gemv_h2_m1_n256_w4": gemv_h2(256, 4), "int4_gemv_h2_m1_n128_w2": gemv_h2(128, 2),
         "int4_gemv_h2_m1_n128_w4": gemv_h2(128, 4), "int4_gemv_h2_m1_n64_w2": gemv_h2(64, 2),
-        "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8),
+        "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8), "int4_gemv_h2_m1_n32_w1": gemv_h2(32, 1),
+        "int8_gemv_h2_m1_n256_w4": gemv_h2(256, 4, 8), "int8_gemv_h2_m1_n128_w2": gemv_h2(128, 2, 8),
+        "int8_gemv_h2_m1_n128_w4": gemv_h2(128, 4, 8), "int8_gemv_h2_m1_n64_w2": gemv_h2(64, 2, 8),
+        "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),
         "int4_dot_m16_n128_w8": dot4(16, 128, 8), "int4_dot_m16_n64_w4": dot4(16, 64, 4),
         "int4_dot_m64_n128_w8": dot4(64, 128, 8, True),
         "int8_dot_m16_n64_w4": dot8(16, 64, 4), "int8_dot_m16_n128_w8": dot8(16, 128, 8),

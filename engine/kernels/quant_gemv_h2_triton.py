@@ -1,4 +1,4 @@
-"""Triton int4 GEMV on packed halves ("gemv_h2"), for the int4 format of quant_matmul.py.
+"""Triton int4 / int8 GEMV on packed halves ("gemv_h2"), for the formats of quant_matmul.py.
 
 Why: the fp32 GEMV (quant_gemv_triton.py) spends three instructions a code (LOP3, FADD, FFMA),
 ~8.7 thread-instructions a weight byte, and is issue-bound at ~40% of copy bandwidth. Here every
@@ -36,6 +36,28 @@ instruction on codes handles two of them as an fp16x2 pair:
   through fp32), so CPU tests run the kernel's indexing, pre-pass, ring and split-K;
   emulate_gemv_h2() repeats the arithmetic in torch for shapes too large for the interpreter.
   The launcher in quant_matmul_triton.py selects this kernel only for CUDA tensors.
+
+int8 (BITS = 8; per-channel scales, codes two's complement, byte t of word w = column 4 w + t
+of a step of INT8_STEP columns):
+
+- Bytes (0, 2) of a word: (w & 0x00FF00FF) ^ 0x64806480 in one LOP3. Each half's low byte is
+  the code's bits u = c mod 256; XOR 0x80 flips its top bit, giving u ^ 0x80 = c + 128 in
+  [0, 255] (two's complement), under the exponent bits of 0x6400 (fp16 1024, whose mantissa's
+  last bit is worth 1): the halves read 1152 + c exactly. Bytes (1, 3): the same after one
+  shift by 8. One HADD2 (-1152, exact: |c| <= 128) leaves (c, c'); one HFMA2 multiplies by the
+  activation pair (columns 4 w + t, 4 w + t + 2). Per word: 1 SHF, 2 LOP3, 2 HADD2, 2 HFMA2,
+  7 instructions for 4 bytes (the fp32 GEMV: 12); a thread's 4 words of a row (16 products a
+  half) fold into fp32 as for int4, without a scale; the per-channel scale multiplies the row's
+  sum once, after the K loop.
+- Activations: a thread reads the 4 columns of a word as one 64-bit load (16-bit x) and packs
+  the pairs (4 w, 4 w + 2), (4 w + 1, 4 w + 3) with the same widen-scale-pack as for int4: two
+  pairs a word instead of four, so half the int4 activation work per weight byte.
+- Range: the slice is scaled so its largest |x| lies in [8, 16) (TOP = 4): a product is at most
+  128 x 16 = 2^11, a half's run of 8 at most 2^14 and the fold 2^15 < 65504. The 16x headroom
+  over [0.5, 1) keeps activations down to 2^-18 (not 2^-14) of the slice maximum out of fp16
+  subnormals. Error as for int4: each product and partial rounds at 2^-11 of a 16-product
+  partial, independently, summed in fp32: 3-7e-4 of the output's largest value on random data
+  (tested at <= 1.5e-3).
 """
 from __future__ import annotations
 
@@ -48,6 +70,9 @@ from engine.kernels.quant_split_triton import split_fixup, split_locks, store_ro
 
 PRE_COLS = 2048  # activation columns per iteration of the max-abs pre-pass
 UNROLL = 3  # with a two-step ring, 3 copies of the loop body rotate its registers in place
+INT8_STEP = 64  # int8 columns a step: 16 words a row, a thread's 16-byte load is 4 of them
+INT8_TOP = 4  # int8 slices are scaled to max |x| in [2^(TOP-1), 2^TOP) (see the docstring)
+TOP8 = tl.constexpr(INT8_TOP)
 _XKIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
@@ -81,8 +106,35 @@ def _dot4_asm() -> str:
             f"fma.rn.f16x2 p, c, {x[2]}, p;",
             f"fma.rn.f16x2 p, d, {x[3]}, p;",
         ]
-    lines += ["mov.b32 {lo, hi}, p;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
-    return "\n".join(lines)
+    return "\n".join(lines + _FOLD)
+
+
+# The fp16x2 run p -> its two halves added in fp16, widened to the fp32 output $0.
+_FOLD = ["mov.b32 {lo, hi}, p;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+
+
+def _dot8_asm() -> str:
+    """PTX: 4 words of int8 codes ($1..$4) and their 8 fp16x2 activation pairs ($5 + 2 j + i:
+    word j, bytes (i, i + 2)) -> the fp32 sum of the 16 products c x, accumulated in fp16x2."""
+    lines = [
+        "{",
+        ".reg .b32 s, a, b, p, kmag, kneg;",
+        ".reg .f16 lo, hi;",
+        "mov.b32 kmag, 0x64806480;",  # XOR: sign-flipped byte under fp16 1024 -> 1152 + c
+        "mov.b32 kneg, 0xE480E480;",  # -1152
+    ]
+    for j in range(4):
+        w = f"${1 + j}"
+        lines += [
+            f"shr.b32 s, {w}, 8;",
+            f"lop3.b32 a, {w}, 0x00FF00FF, kmag, 0x6A;",  # 0x6A: (a & b) ^ c
+            "lop3.b32 b, s, 0x00FF00FF, kmag, 0x6A;",
+            "add.rn.f16x2 a, a, kneg;",
+            "add.rn.f16x2 b, b, kneg;",
+            f"mul.rn.f16x2 p, a, ${5 + 2 * j};" if j == 0 else f"fma.rn.f16x2 p, a, ${5 + 2 * j}, p;",
+            f"fma.rn.f16x2 p, b, ${6 + 2 * j}, p;",
+        ]
+    return "\n".join(lines + _FOLD)
 
 
 def _widen_asm(dtype: str) -> str:
@@ -109,6 +161,8 @@ SCALE_FP16 = tl.constexpr(_SCALE_ASM[1])
 SCALE_FP32 = tl.constexpr(_SCALE_ASM[2])
 DOT4_ASM = tl.constexpr(_dot4_asm())
 DOT4_CONSTRAINTS = tl.constexpr("=f" + ",r" * 20)  # one fp32 out; 4 words and 16 pairs in
+DOT8_ASM = tl.constexpr(_dot8_asm())
+DOT8_CONSTRAINTS = tl.constexpr("=f" + ",r" * 12)  # one fp32 out; 4 words and 8 pairs in
 WIDEN_BF16 = tl.constexpr(_widen_asm("bf16"))
 WIDEN_FP16 = tl.constexpr(_widen_asm("fp16"))
 
@@ -130,13 +184,23 @@ def _h2_bits(hi, lo):
 
 
 @triton.jit
+def _fma_emu(p_lo, p_hi, c_lo, c_hi, x):
+    """(p_lo, p_hi) + (c_lo, c_hi) x for the fp16x2 pair x (int32 bits), each half an fp16 FMA."""
+    p_lo = (c_lo.to(tl.float32) * _half(x, 0).to(tl.float32) + p_lo.to(tl.float32)).to(tl.float16)
+    p_hi = (c_hi.to(tl.float32) * _half(x, 16).to(tl.float32) + p_hi.to(tl.float32)).to(tl.float16)
+    return p_lo, p_hi
+
+
+@triton.jit
 def _nibbles_emu(p_lo, p_hi, w, x, I: tl.constexpr):
     """p + (c - 8) x for nibbles (I, I + 4) of w against the fp16x2 pair x (fp16 FMA)."""
-    c_lo = (((w >> (4 * I)) & 15) - 8).to(tl.float32)
-    c_hi = (((w >> (4 * I + 16)) & 15) - 8).to(tl.float32)
-    p_lo = (c_lo * _half(x, 0).to(tl.float32) + p_lo.to(tl.float32)).to(tl.float16)
-    p_hi = (c_hi * _half(x, 16).to(tl.float32) + p_hi.to(tl.float32)).to(tl.float16)
-    return p_lo, p_hi
+    return _fma_emu(p_lo, p_hi, ((w >> (4 * I)) & 15) - 8, ((w >> (4 * I + 16)) & 15) - 8, x)
+
+
+@triton.jit
+def _bytes_emu(p_lo, p_hi, w, x, I: tl.constexpr):
+    """p + c x for the signed bytes (I, I + 2) of w against the fp16x2 pair x (fp16 FMA)."""
+    return _fma_emu(p_lo, p_hi, (w << (24 - 8 * I)) >> 24, (w << (8 - 8 * I)) >> 24, x)
 
 
 @triton.jit
@@ -180,19 +244,23 @@ def _widen(lo, hi, scale, XKIND: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _pack(hi, lo, EMULATE: tl.constexpr):
+    """fp32 hi, lo -> the fp16x2 (hi, lo) as int32, each rounded to nearest."""
+    if EMULATE:
+        return _h2_bits(hi, lo)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _pairs(xs, scale, I: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, XKIND: tl.constexpr,
            EMULATE: tl.constexpr):
     """fp16x2 activation pairs (columns I W + w, (I + 4) W + w) of the step at xs, scaled by
     2^-e, as four [BLOCK_N, WORDS // 4] tensors for words 4 q + 0..3 (broadcast along rows)."""
     if XKIND == 2:  # fp32 activations: one column a load
         wi = tl.arange(0, WORDS)
-        lo = tl.load(xs + I * WORDS + wi) * scale
-        hi = tl.load(xs + (I + 4) * WORDS + wi) * scale
-        if EMULATE:
-            pair = _h2_bits(hi, lo)
-        else:
-            pair = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.int32,
-                                             is_pure=True, pack=1)
+        pair = _pack(tl.load(xs + (I + 4) * WORDS + wi) * scale, tl.load(xs + I * WORDS + wi) * scale, EMULATE)
         return _quad(tl.broadcast_to(pair[None, :], (BLOCK_N, WORDS)), (BLOCK_N, WORDS // 4, 2, 2))
     else:  # 16-bit activations: 32-bit words j = columns (2 j, 2 j + 1) of the run
         j = tl.arange(0, WORDS // 2)
@@ -231,6 +299,48 @@ def _dot_words(wv, xs, scale, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, XKIND:
 
 
 @triton.jit
+def _byte_pairs(xs, scale, WORDS: tl.constexpr, XKIND: tl.constexpr, EMULATE: tl.constexpr):
+    """int8: the step's fp16x2 activation pairs for bytes (0, 2) and (1, 3) of each word w, i.e.
+    columns (4 w, 4 w + 2) and (4 w + 1, 4 w + 3), scaled by 2^-e: two [WORDS] tensors."""
+    wi = tl.arange(0, WORDS)
+    if XKIND == 2:  # fp32 activations: one column a load
+        x0 = tl.load(xs + 4 * wi) * scale
+        x1 = tl.load(xs + 4 * wi + 1) * scale
+        x2 = tl.load(xs + 4 * wi + 2) * scale
+        x3 = tl.load(xs + 4 * wi + 3) * scale
+        return _pack(x2, x0, EMULATE), _pack(x3, x1, EMULATE)
+    else:  # 16-bit activations: one 64-bit load holds a word's 4 columns
+        v = tl.load(xs.to(tl.pointer_type(tl.int64), bitcast=True) + wi)
+        return _widen(v.to(tl.int32), (v >> 32).to(tl.int32), scale, XKIND, EMULATE)
+
+
+@triton.jit
+def _dot_bytes(wv, xs, scale, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, XKIND: tl.constexpr,
+               EMULATE: tl.constexpr):
+    """int8: [BLOCK_N, WORDS] words of one step times its activations -> [BLOCK_N, WORDS // 4]
+    fp32 sums over each run of 4 words (before the per-channel scale)."""
+    w0, w1, w2, w3 = _quad(wv, (BLOCK_N, WORDS // 4, 2, 2))
+    even, odd = _byte_pairs(xs, scale, WORDS, XKIND, EMULATE)
+    e0, e1, e2, e3 = _quad(tl.broadcast_to(even[None, :], (BLOCK_N, WORDS)), (BLOCK_N, WORDS // 4, 2, 2))
+    o0, o1, o2, o3 = _quad(tl.broadcast_to(odd[None, :], (BLOCK_N, WORDS)), (BLOCK_N, WORDS // 4, 2, 2))
+    if EMULATE:
+        p_lo = tl.zeros(w0.shape, tl.float16)
+        p_hi = tl.zeros(w0.shape, tl.float16)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w0, e0, 0)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w0, o0, 1)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w1, e1, 0)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w1, o1, 1)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w2, e2, 0)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w2, o2, 1)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w3, e3, 0)
+        p_lo, p_hi = _bytes_emu(p_lo, p_hi, w3, o3, 1)
+        return (p_lo + p_hi).to(tl.float32)
+    else:
+        return tl.inline_asm_elementwise(DOT8_ASM, DOT8_CONSTRAINTS, [w0, w1, w2, w3, e0, o0, e1, o1, e2, o2, e3, o3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _load_scales(ptrs, SKIND: tl.constexpr, EMULATE: tl.constexpr):
     """Group scales at ptrs [BLOCK_N, WORDS // 4] as fp32.
 
@@ -247,8 +357,9 @@ def _load_scales(ptrs, SKIND: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _slice_scale(x0, first, last, KSTEP: tl.constexpr, PRE: tl.constexpr):
-    """(2^-e, 2^e) with max |x| 2^-e in [0.5, 1) over columns [first, last) * KSTEP of the row.
+def _slice_scale(x0, first, last, KSTEP: tl.constexpr, PRE: tl.constexpr, TOP: tl.constexpr):
+    """(2^-e, 2^e) with max |x| 2^-e in [2^(TOP - 1), 2^TOP) over columns [first, last) * KSTEP
+    of the row.
 
     Built from the exponent bits of the maximum, so both are exact powers of two; an all-zero
     slice gets 2^126 (harmless). NaN activations still propagate through the products.
@@ -260,9 +371,11 @@ def _slice_scale(x0, first, last, KSTEP: tl.constexpr, PRE: tl.constexpr):
         v = tl.load(x0 + c0 + cols, mask=c0 + cols < end, other=0.0)
         mx = tl.maximum(mx, tl.abs(v.to(tl.float32)))
     ex = (tl.max(mx, 0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent E
-    ex = tl.minimum(ex, 252)  # max |x| < 2^(E - 126): scale 2^(126 - E), inverse 2^(E - 126)
-    scale = ((253 - ex) << 23).to(tl.float32, bitcast=True)
-    inv = ((ex + 1) << 23).to(tl.float32, bitcast=True)
+    # max |x| < 2^(E - 126): scale 2^(126 + TOP - E), inverse 2^(E - 126 - TOP); the clamp keeps
+    # both normal fp32 numbers.
+    ex = tl.minimum(tl.maximum(ex, TOP), 252)
+    scale = ((253 - ex + TOP) << 23).to(tl.float32, bitcast=True)
+    inv = ((ex + 1 - TOP) << 23).to(tl.float32, bitcast=True)
     return scale, inv
 
 
@@ -271,12 +384,13 @@ def _gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, steps, steps_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
-    WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
-    # one quantization group (WORDS words a row, KSTEP columns).
-    KSTEP: tl.constexpr = WORDS * 8
+    # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
+    KSTEP: tl.constexpr = WORDS * (32 // BITS)
+    TOP: tl.constexpr = 0 if BITS == 4 else TOP8
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -286,8 +400,8 @@ def _gemv_h2_kernel(
     # neither is ever stored or accumulated.
     rows = tl.minimum(n, N - 1).to(tl.int64)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]  # [BLOCK_N, WORDS]
-    # Scales as [BLOCK_N, WORDS // 4] (equal along a row): loaded straight into the layout of
-    # the partial sums they multiply; a [BLOCK_N] vector went through shared memory each step.
+    # int4 group scales as [BLOCK_N, WORDS // 4] (equal along a row): loaded straight into the
+    # layout of the partial sums they multiply; a [BLOCK_N] vector went through shared memory.
     s_ptrs = s_ptr + rows[:, None] * stride_sn + tl.zeros([1, WORDS // 4], tl.int64)
     x0 = x_ptr + pid_m.to(tl.int64) * stride_xm
     first = pid_k * steps_per_split
@@ -295,49 +409,64 @@ def _gemv_h2_kernel(
     end = last - 1
     # The ring's first two steps are requested before the pre-pass, whose latency they overlap.
     w_a = tl.load(w_ptrs + first * WORDS)
-    s_a = _load_scales(s_ptrs + first, SKIND, EMULATE)
     w_b = tl.load(w_ptrs + tl.minimum(first + 1, end) * WORDS)
-    s_b = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
-    scale, inv = _slice_scale(x0, first, last, KSTEP, PRE)
+    if BITS == 4:
+        s_a = _load_scales(s_ptrs + first, SKIND, EMULATE)
+        s_b = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
+    scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
 
     acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
     for st in tl.range(first, last, loop_unroll_factor=UNROLL):
         wv = w_a
-        sv = s_a
         w_a = w_b
-        s_a = s_b
         w_b = tl.load(w_ptrs + tl.minimum(st + 2, end) * WORDS)
-        s_b = _load_scales(s_ptrs + tl.minimum(st + 2, end), SKIND, EMULATE)
-        part = _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
-        acc += part * sv
+        if BITS == 4:
+            sv = s_a
+            s_a = s_b
+            s_b = _load_scales(s_ptrs + tl.minimum(st + 2, end), SKIND, EMULATE)
+            acc += _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv
+        else:
+            acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
 
-    total = (tl.sum(acc, 1) * inv)[None, :]  # [1, BLOCK_N]
+    total = tl.sum(acc, 1) * inv  # [BLOCK_N]
+    if BITS == 8:  # the per-channel scale commutes with the K sum
+        total = total * tl.load(s_ptr + rows).to(tl.float32)
     m = pid_m + tl.arange(0, 1)
-    store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(total[None, :], m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
                     stride_om, HAS_BIAS)
 
 
-def gemv_h2_supported(x: torch.Tensor, scales: torch.Tensor) -> bool:
+def gemv_h2_supported(x: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> bool:
     """Whether gemv_h2 can run this call: CUDA and not the interpreter (PTX), activations and
-    scales in fp32 / fp16 / bf16, G / 8 words a multiple of 4 (groups 32, 64, 128)."""
-    group = x.shape[-1] // scales.shape[-1]
-    return x.is_cuda and not INTERPRET and x.dtype in _XKIND and scales.dtype in _XKIND and group % 32 == 0
+    scales in fp32 / fp16 / bf16; int4: G / 8 words a multiple of 4 (groups 32, 64, 128);
+    int8: K a multiple of INT8_STEP."""
+    if not (x.is_cuda and not INTERPRET and x.dtype in _XKIND and scales.dtype in _XKIND):
+        return False
+    if bits == 8:
+        return scales.dim() == 1 and x.shape[-1] % INT8_STEP == 0
+    return (x.shape[-1] // scales.shape[-1]) % 32 == 0
+
+
+def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
+    """K steps of a row (what `per_split` counts): int4 groups, or int8 runs of INT8_STEP columns."""
+    return scales.shape[1] if bits == 4 else k // INT8_STEP
 
 
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
-            emulate: bool = False) -> torch.Tensor:
-    """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) [N, K / 8],
-    scales [N, K / G], out [M, N] (written). `split` K slices of `per_split` groups each (the
-    caller's split-K choice); emulate=True (interpreter only) replaces the PTX."""
+            emulate: bool = False, bits: int = 4) -> torch.Tensor:
+    """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
+    int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
+    `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
+    emulate=True (interpreter only) replaces the PTX."""
     m, k = x2.shape
     n_out = words.shape[0]
-    group = k // scales.shape[1]
-    steps = k // group
-    if x2.dtype != torch.float32 and (x2.stride(0) % 2 or x2.data_ptr() % 4):
-        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # 32-bit reads of column pairs
+    steps = gemv_h2_steps(k, scales, bits)
+    align = 8 if bits == 8 else 4  # 64-bit (int8) or 32-bit (int4) reads of 16-bit activations
+    if x2.dtype != torch.float32 and (x2.stride(0) % (align // 2) or x2.data_ptr() % align):
+        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
     tiles = triton.cdiv(n_out, block_n) * m
     part = torch.empty(split, m, n_out, device=x2.device, dtype=torch.float32) if split > 1 else out
     locks = split_locks(x2.device, tiles) if split > 1 else words
@@ -345,44 +474,67 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
     _gemv_h2_kernel[grid](
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-        WORDS=group // 8, BLOCK_N=block_n, SPLIT=split > 1, HAS_BIAS=bias is not None, XKIND=_XKIND[x2.dtype],
-        SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL, EMULATE=emulate, num_warps=num_warps, num_stages=1,
+        BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
+        HAS_BIAS=bias is not None, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL,
+        EMULATE=emulate, num_warps=num_warps, num_stages=1,
     )
     return out
 
 
+# --- the same arithmetic in torch (for shapes too large for the interpreter) -----------------
+
+def _emulate_scale(xs: torch.Tensor, top: int) -> torch.Tensor:
+    """Per row of xs [M, cols]: the slice scale 2^-e of _slice_scale, as fp32 [M]."""
+    ex = ((xs.abs().amax(1).view(torch.int32) >> 23) & 0xFF).clamp(min=top, max=252)
+    return torch.ldexp(torch.ones(xs.shape[0], device=xs.device), 126 + top - ex.float())
+
+
+def _emulate_runs(codes: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    """codes [N, step, q, j, 2 P] (word j of run q; the word's pair i holds codes i and i + P),
+    xh [M, step, q, j, 2 P] the matching fp16 activations -> [M, N, step, q] fp32 run sums:
+    fp16x2 FMAs in the kernel's order (word, then pair), each rounded once, then the fold."""
+    half = codes.shape[-1] // 2
+    m, n = xh.shape[0], codes.shape[0]
+    p = torch.zeros(m, n, *codes.shape[1:3], 2, dtype=torch.float64, device=xh.device)  # fp16x2 partials
+    for j in range(4):
+        for i in range(half):
+            for h in range(2):
+                prod = codes[None, :, :, :, j, i + half * h] * xh[:, None, :, :, j, i + half * h]
+                p[..., h] = (p[..., h] + prod).half().double()  # exact in float64, rounded once
+    return (p[..., 0] + p[..., 1]).half().float()
+
+
 def emulate_gemv_h2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                    bias: torch.Tensor | None = None, per_split: int | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, per_split: int | None = None, bits: int = 4) -> torch.Tensor:
     """gemv_h2's arithmetic in torch: x [M, K] -> [M, N] in x's dtype, K slices of `per_split`
-    groups (None: one slice). Same power-of-two slice scaling, same fp16 pairs, products and
+    steps (None: one slice). Same power-of-two slice scaling, same fp16 pairs, products and
     partials rounded to fp16 in the kernel's order (each fp16 FMA rounded once, through float64),
-    fp32 fold with the group scales. Only the order of the final fp32 sums differs."""
+    fp32 fold with the int4 group scales (int8: the per-channel scale at the end). Only the
+    order of the final fp32 sums differs."""
     m, k = x.shape
     n = qweight.shape[0]
-    steps = scales.shape[1]
-    group = k // steps
-    wpg = group // 8
+    steps = gemv_h2_steps(k, scales, bits)
+    cols = k // steps
     per_split = per_split or steps
-    w32 = qweight.view(torch.int32).reshape(n, steps, wpg // 4, 4).long() & 0xFFFFFFFF  # [N, step, q, j]
-    codes = torch.stack([(w32 >> (4 * i)) & 15 for i in range(8)], -1).double() - 8  # [N, step, q, j, i]
+    if bits == 8:  # column 16 q + 4 j + t of a step is byte t of word 4 q + j
+        codes = qweight.reshape(n, steps, 4, 4, 4).double()  # [N, step, q, j, t]
+    else:
+        wpg = cols // 8
+        w32 = qweight.view(torch.int32).reshape(n, steps, wpg // 4, 4).long() & 0xFFFFFFFF  # [N, step, q, j]
+        codes = torch.stack([(w32 >> (4 * i)) & 15 for i in range(8)], -1).double() - 8  # [N, step, q, j, i]
     out = torch.zeros(m, n, dtype=torch.float64, device=x.device)
     for s0 in range(0, steps, per_split):
         s1 = min(s0 + per_split, steps)
-        xs = x[:, s0 * group:s1 * group].float()  # [M, cols]
-        ex = ((xs.abs().amax(1).view(torch.int32) >> 23) & 0xFF).clamp(max=252)
-        scale = torch.ldexp(torch.ones(m, device=x.device), 126 - ex.float())  # [M], exact powers of two
+        xs = x[:, s0 * cols:s1 * cols].float()  # [M, cols]
+        scale = _emulate_scale(xs, INT8_TOP if bits == 8 else 0)  # [M], exact powers of two
         xh = (xs * scale[:, None]).half().double()
-        # column i * W + 4 q + j of a step -> [M, step, q, j, i]
-        xh = xh.reshape(m, s1 - s0, 8, wpg // 4, 4).permute(0, 1, 3, 4, 2)
-        c = codes[:, s0:s1]
-        p = torch.zeros(m, n, s1 - s0, wpg // 4, 2, dtype=torch.float64, device=x.device)  # fp16x2 partials
-        for j in range(4):
-            for i in range(4):
-                for h in range(2):
-                    prod = c[None, :, :, :, j, i + 4 * h] * xh[:, None, :, :, j, i + 4 * h]
-                    p[..., h] = (p[..., h] + prod).half().double()  # exact in float64, rounded once
-        folded = (p[..., 0] + p[..., 1]).half().float()  # [M, N, step, q]
-        part = (folded * scales[None, :, s0:s1, None].float()).sum((2, 3)) / scale[:, None]
+        if bits == 8:
+            xh = xh.reshape(m, s1 - s0, 4, 4, 4)
+            part = _emulate_runs(codes[:, s0:s1], xh).sum((2, 3)) / scale[:, None] * scales.float()
+        else:  # column i * W + 4 q + j of a group -> [M, step, q, j, i]
+            xh = xh.reshape(m, s1 - s0, 8, wpg // 4, 4).permute(0, 1, 3, 4, 2)
+            folded = _emulate_runs(codes[:, s0:s1], xh)  # [M, N, step, q]
+            part = (folded * scales[None, :, s0:s1, None].float()).sum((2, 3)) / scale[:, None]
         out += part.double()
     if bias is not None:
         out += bias.double()

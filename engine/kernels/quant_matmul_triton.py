@@ -3,8 +3,8 @@
 Two kernel families, chosen per call by tile_config() (quant_tuning.py):
   - "gemv" (quant_gemv_triton.py): FMA on CUDA cores, for M <= 4, where each weight byte is used
     only a few times and the work is streaming the weights with few instructions per byte;
-    "gemv_h2" (quant_gemv_h2_triton.py) is its int4 variant on packed fp16 pairs (PTX: CUDA
-    only; elsewhere, and for int8, the config runs as "gemv");
+    "gemv_h2" (quant_gemv_h2_triton.py) is its int4 / int8 variant on packed fp16 pairs (PTX:
+    CUDA only; elsewhere, or for shapes it does not take, the config runs as "gemv");
   - "dot" (here): a program owns a BLOCK_M x BLOCK_N output tile, turns codes into activation
     dtype values in registers and feeds the tensor cores (tl.dot). int4 codes become MAGIC + c
     by bit operations, two per 32-bit operation (see _nibble_pair), and c - 8 by one exact
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import dot_precision, num_sms
-from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_supported
+from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps, gemv_h2_supported
 from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
 from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
 from engine.kernels.quant_tuning import DEQUANT_MIN_M, TileConfig, tile_config
@@ -237,9 +237,10 @@ def quant_matmul_triton(
     words = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8), little-endian
     bias_arg = bias if bias is not None else out
     if cfg.kernel == "gemv_h2":
-        if bits == 4 and gemv_h2_supported(x2, scales):
-            split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, k // group, cfg, x.device)
-            gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split)
+        if gemv_h2_supported(x2, scales, bits):
+            steps = gemv_h2_steps(k, scales, bits)
+            split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
+            gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "gemv":

@@ -23,9 +23,10 @@ KERNELS = ("gemv", "gemv_h2", "dot", "dequant")
 class TileConfig:
     """Launch shape of one quantized matmul call; benchmarks and tests may pass their own.
 
-    kernel: "gemv" (CUDA-core FMA, small M), "gemv_h2" (int4 GEMV on packed fp16 pairs, one
-    activation row a program; CUDA only, runs as "gemv" elsewhere; block_m, prefetch unused),
-    "dot" (tensor cores) or "dequant" (cuBLAS).
+    kernel: "gemv" (CUDA-core FMA, small M), "gemv_h2" (int4 / int8 GEMV on packed fp16 pairs,
+    one activation row a program; CUDA only, runs as "gemv" elsewhere or when K does not fit
+    its step (int8: K % 64); block_m, prefetch, block_k unused), "dot" (tensor cores) or
+    "dequant" (cuBLAS).
     split_k: K slices per output tile (None: enough programs for `waves` per SM, each slice at
     least `min_steps` steps long). prefetch: 2 keeps a two-step register ring of weights and
     scales, 0 loads each step where it is used. block_k: int8 columns per step.
