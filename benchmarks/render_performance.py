@@ -32,7 +32,9 @@ def render_decode(d: dict) -> str:
     s = d["settings"]
     lines = [provenance(d), "",
              f"Batch 1, prompt {s['prompt_len']} tokens, {s['output_len']} tokens out, greedy, ignore_eos; "
-             f"copy bandwidth measured in the same run: **{d['copy_bandwidth_tbs']:.2f} TB/s**.", "",
+             f"copy bandwidth measured in the same run: **{d['copy_bandwidth_tbs']:.2f} TB/s**."
+             + (" Overlapped decode on." if d["results"] and all(r.get("overlap_decode") for r in d["results"])
+                else ""), "",
              "| model | weights | GB read / step | Ember tok/s | step ms | GPU step ms | roofline ms | % roofline "
              "| % roofline (GPU only) | eager tok/s | HF generate tok/s | Ember / HF |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

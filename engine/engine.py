@@ -4,9 +4,9 @@
 runs that loop in the background for asyncio servers (see engine/async_engine.py).
 
 A step is launched (model and sampler queued on the device) and then landed (its tokens read, the
-scheduler updated, outputs built). With overlapped decode (engine/overlap.py, on by default on
-CUDA) the decode step after it may be launched in between, so the GPU computes the next step while
-the host lands this one; the next `step()` call lands that step.
+scheduler updated, outputs built). With overlapped decode (engine/overlap.py, opt-in:
+EMBER_OVERLAP_DECODE=1) the decode step after it may be launched in between, so the GPU computes the
+next step while the host lands this one; the next `step()` call lands that step.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class Engine:
         self.groups: dict[str, list[str]] = {}  # user request id -> its choices' request ids
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.overlap = overlap_enabled(config, self.runner.device)
+        self.overlap = overlap_enabled(config)
         self.overlapped_steps = 0
         self._in_flight: Flight | None = None  # a step launched by the previous step() call, not landed
 

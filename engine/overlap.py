@@ -21,9 +21,11 @@ row wrote its KV into the request's own last block, which is partly filled, owne
 full blocks are shared) and never registered in the prefix cache (only full computed blocks are).
 The request frees it; a later owner writes it on the same stream, after that row.
 
-On by default on CUDA. `EngineConfig(extra={"overlap_decode": True})` turns it on elsewhere (the
-CPU tests) and False turns it off; the environment variable EMBER_OVERLAP_DECODE=0 (or 1) overrides
-both.
+Opt-in for now: EMBER_OVERLAP_DECODE=1 (or `EngineConfig(extra={"overlap_decode": True})`) turns it
+on, on any device (the CPU tests use it). On the GPU it has passed the GPU tests (up to 16
+concurrent requests, CUDA graphs and eager) and the batch-1 decode benchmark, but a 64-request
+multi-adapter benchmark run with it on crashed on the device for a reason not yet found, so it
+stays off by default until it has run at that scale.
 """
 from __future__ import annotations
 
@@ -44,13 +46,12 @@ _OFF = ("0", "false", "no", "off")
 _ON = ("1", "true", "yes", "on")
 
 
-def overlap_enabled(config: EngineConfig, device: torch.device) -> bool:
-    """The environment variable, else extra["overlap_decode"], else on for CUDA only."""
+def overlap_enabled(config: EngineConfig) -> bool:
+    """The environment variable EMBER_OVERLAP_DECODE, else extra["overlap_decode"], else off."""
     env = os.environ.get(ENV, "").strip().lower()
     if env in _OFF or env in _ON:
         return env in _ON
-    forced = config.extra.get("overlap_decode")
-    return device.type == "cuda" if forced is None else bool(forced)
+    return bool(config.extra.get("overlap_decode", False))
 
 
 class HostTokens:

@@ -439,10 +439,12 @@ def _gemv_h2_kernel(
 
 
 def gemv_h2_supported(x: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> bool:
-    """Whether gemv_h2 can run this call: CUDA and not the interpreter (PTX), activations and
-    scales in fp32 / fp16 / bf16; int4: G / 8 words a multiple of 4 (groups 32, 64, 128);
-    int8: K a multiple of INT8_STEP."""
-    if not (x.is_cuda and not INTERPRET and x.dtype in _XKIND and scales.dtype in _XKIND):
+    """Whether the dispatcher runs gemv_h2 for this call: CUDA and not the interpreter (PTX), 16-bit
+    activations (fp32 callers get the fp32 GEMV: this kernel's products are fp16, ~1e-3 of the
+    output), scales in fp32 / fp16 / bf16; int4: G / 8 words a multiple of 4 (groups 32, 64, 128);
+    int8: K a multiple of INT8_STEP. The kernel itself also takes fp32 activations."""
+    if not (x.is_cuda and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
+            and scales.dtype in _XKIND):
         return False
     if bits == 8:
         return scales.dim() == 1 and x.shape[-1] % INT8_STEP == 0

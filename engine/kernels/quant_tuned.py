@@ -1,11 +1,11 @@
 """Measured launch winners of the weight-only matmuls (see quant_tuning.py for the lookup).
 
-Written by `benchmarks/bench_kernels.py --sweep` on NVIDIA H200, 2026-11-28, commit a06268d.
+Written by `benchmarks/bench_kernels.py --sweep` on NVIDIA H200, 2026-11-28, commit 6661108.
 """
 
 TUNED: dict[str, dict] = {
     'int4/g128/m1/k14336/n4096': {'block_m': 1, 'block_n': 64, 'num_warps': 2, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv_h2', 'prefetch': 2, 'block_k': 128, 'waves': 8, 'min_steps': 2},
-    'int4/g128/m1/k4096/n14336': {'block_m': 1, 'block_n': 64, 'num_warps': 2, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv_h2', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
+    'int4/g128/m1/k4096/n14336': {'block_m': 1, 'block_n': 64, 'num_warps': 2, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv_h2', 'prefetch': 2, 'block_k': 128, 'waves': 6, 'min_steps': 2},
     'int4/g128/m1/k4096/n4096': {'block_m': 1, 'block_n': 128, 'num_warps': 4, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv', 'prefetch': 0, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int4/g128/m16/k14336/n4096': {'block_m': 16, 'block_n': 128, 'num_warps': 8, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int4/g128/m16/k4096/n14336': {'block_m': 16, 'block_n': 256, 'num_warps': 8, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
@@ -13,17 +13,17 @@ TUNED: dict[str, dict] = {
     'int4/g128/m4/k14336/n4096': {'block_m': 16, 'block_n': 128, 'num_warps': 8, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int4/g128/m4/k4096/n14336': {'block_m': 16, 'block_n': 128, 'num_warps': 8, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 1, 'min_steps': 2},
     'int4/g128/m4/k4096/n4096': {'block_m': 4, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
-    'int4/g128/m64/k14336/n4096': {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
+    'int4/g128/m64/k14336/n4096': {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
     'int4/g128/m64/k4096/n14336': {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': 1, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
-    'int4/g128/m64/k4096/n4096': {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
-    'int8/g0/m1/k14336/n4096': {'block_m': 1, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
-    'int8/g0/m1/k4096/n14336': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
+    'int4/g128/m64/k4096/n4096': {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
+    'int8/g0/m1/k14336/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
+    'int8/g0/m1/k4096/n14336': {'block_m': 1, 'block_n': 128, 'num_warps': 2, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv_h2', 'prefetch': 2, 'block_k': 128, 'waves': 3, 'min_steps': 2},
     'int8/g0/m1/k4096/n4096': {'block_m': 1, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'split_k': None, 'kernel': 'gemv', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
-    'int8/g0/m16/k14336/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
+    'int8/g0/m16/k14336/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
     'int8/g0/m16/k4096/n14336': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
-    'int8/g0/m16/k4096/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 2, 'min_steps': 2},
+    'int8/g0/m16/k4096/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int8/g0/m4/k14336/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
-    'int8/g0/m4/k4096/n14336': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 1, 'min_steps': 2},
+    'int8/g0/m4/k4096/n14336': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': 1, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int8/g0/m4/k4096/n4096': {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 4, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 4, 'min_steps': 2},
     'int8/g0/m64/k14336/n4096': {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 1, 'min_steps': 2},
     'int8/g0/m64/k4096/n14336': {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 3, 'split_k': None, 'kernel': 'dot', 'prefetch': 2, 'block_k': 128, 'waves': 1, 'min_steps': 2},
