@@ -216,17 +216,22 @@ def test_int8_kernel_interpreter(dtype, n, split, bias, kind):
 def test_gemv_h2_gpu(k, n, split, bias, dtype, kind, block_n, warps):
     """Through the dispatcher (a gemv_h2 config, default or given split) against the fp32
     reference, twice with fresh inputs."""
+    _check_dispatch(4, k, n, split, bias, dtype, kind, block_n, warps)
+
+
+def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps):
+    """A gemv_h2 config through the dispatcher against the fp32 reference, twice with fresh inputs."""
     require_backend("cuda")
     from engine.kernels.quant_matmul_triton import quant_matmul_triton
     from engine.kernels.quant_tuning import TileConfig
 
-    q, s = _weights(n, k, 128, dtype, "cuda")
+    q, s = _weights(n, k, 128, dtype, "cuda") if bits == 4 else _weights8(n, k, dtype, "cuda")
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
     cfg = TileConfig(1, block_n, warps, 1, split, kernel="gemv_h2")
     for _ in range(2):
         x = _activations(kind, 1, k, "cuda").to(dtype)
-        y = quant_matmul_triton(x, q, s, b, 4, cfg)
-        ref = int4_matmul_ref(x.float(), q, s, None if b is None else b.float())
+        y = quant_matmul_triton(x, q, s, b, bits, cfg)
+        ref = _ref(bits)(x.float(), q, s, None if b is None else b.float())
         assert y.shape == (1, n) and y.dtype == dtype
         assert_close_rel(y.float(), ref, TOL[dtype])
 
@@ -290,19 +295,7 @@ def test_gemv_h2_gpu_3d_input_and_strided_rows(bits):
 def test_int8_gemv_h2_gpu(k, n, split, bias, dtype, kind, block_n, warps):
     """int8 through the dispatcher (a gemv_h2 config, default or given split) against the fp32
     reference, twice with fresh inputs."""
-    require_backend("cuda")
-    from engine.kernels.quant_matmul_triton import quant_matmul_triton
-    from engine.kernels.quant_tuning import TileConfig
-
-    q, s = _weights8(n, k, dtype, "cuda")
-    b = torch.randn(n, device="cuda").to(dtype) if bias else None
-    cfg = TileConfig(1, block_n, warps, 1, split, kernel="gemv_h2")
-    for _ in range(2):
-        x = _activations(kind, 1, k, "cuda").to(dtype)
-        y = quant_matmul_triton(x, q, s, b, 8, cfg)
-        ref = int8_matmul_ref(x.float(), q, s, None if b is None else b.float())
-        assert y.shape == (1, n) and y.dtype == dtype
-        assert_close_rel(y.float(), ref, TOL[dtype])
+    _check_dispatch(8, k, n, split, bias, dtype, kind, block_n, warps)
 
 
 @pytest.mark.gpu
