@@ -25,6 +25,10 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gp
 phase decode
 timeout 200 python3 benchmarks/bench_decode.py --out "$out/decode.json" 2>&1 | tee "$out/bench_decode.txt"
 
+phase decode-overlap
+EMBER_OVERLAP_DECODE=1 timeout 120 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes bf16 --no-hf --no-eager \
+  --out "$out/decode_overlap.json" 2>&1 | tee "$out/bench_decode_overlap.txt"
+
 phase throughput
 timeout 210 python3 benchmarks/bench_throughput_gpu.py --out "$out/throughput.json" 2>&1 | tee "$out/bench_throughput.txt"
 

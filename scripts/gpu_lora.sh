@@ -14,3 +14,7 @@ timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1
   2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b.txt"
 timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --repeats 2 \
   --json-out "$out/multi_lora_8b.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_8b.txt"
+# The engine as it serves with overlapped decode on (opt-in); the head of any error is kept.
+EMBER_OVERLAP_DECODE=1 timeout 150 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b \
+  --json-out "$out/multi_lora_1b_overlap.json" > "$out/multi_lora_1b_overlap.log" 2>&1
+grep -v '^engine\.' "$out/multi_lora_1b_overlap.log" | head -60
