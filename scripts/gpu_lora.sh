@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine (about 5 minutes on an H200): multi-LoRA serving's GPU tests, then its throughput
+# On a CUDA machine (about 8 minutes on an H200): multi-LoRA serving's GPU tests, then its throughput
 # benchmark on the 1B and 8B shapes (1, 8 and 32 distinct rank-16 adapters against the base model).
 # Copy OUTDIR/multi_lora_{1b,8b}.json to benchmarks/results/multi-lora-h200.json and
 # multi-lora-8b-h200.json, then run `python benchmarks/render_performance.py`.
