@@ -389,3 +389,28 @@ def test_gpu_overlapped_decode_gives_the_synchronous_tokens(eager):
     from test_fused_path import peaked_model
 
     compare_on_random_model(peaked_model(3).to(torch.bfloat16), "cuda", eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_overlapped_decode_at_64_requests():
+    """64 requests at once through the CUDA graphs (buckets 16 to 64), leaving the batch at many
+    different steps: the size of the benchmark runs, beyond the 16 of the test above."""
+    from test_fused_path import peaked_model
+
+    model = peaked_model(5).to(torch.bfloat16)
+    rng = random.Random(3)
+    requests = [(f"q{i}", [rng.randrange(3, 128) for _ in range(rng.randint(64, 128))], rng.randint(8, 120))
+                for i in range(64)]
+    results = []
+    for overlap in (False, True):
+        config = EngineConfig(device="cuda", max_model_len=256, block_size=BLOCK, max_num_seqs=64,
+                              max_num_batched_tokens=2048, gpu_memory_utilization=0.3,
+                              extra={"overlap_decode": overlap})
+        eng = Engine(config, model=copy.deepcopy(model).to("cuda"), tokenizer=None)
+        for rid, ids, max_tokens in requests:
+            eng.add_request(rid, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **GREEDY))
+        results.append({rid: r.outputs[0].token_ids for rid, r in run_to_completion(eng).items()})
+        assert (eng.stats().overlapped_steps > 50) == overlap
+        assert eng.stats().kv_blocks_used == 0
+    assert results[1] == results[0]
