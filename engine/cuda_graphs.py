@@ -71,7 +71,11 @@ def pack_decode(seqs: Sequence[ScheduledSeq], block_size: int, bucket: int, vec:
                 tables: np.ndarray) -> int:
     """Write a decode batch, padded to `bucket` rows, into host arrays; returns the block-table width.
 
-    vec: int32 [4, >= bucket] (ids, positions, slots, context lengths by row);
+    vec: int32 [4, >= bucket] (ids, positions, slots, context lengths by row); every row past the batch
+    becomes padding, past the bucket too. The whole array goes to the device, so an earlier, larger
+    step must leave nothing there: a step planned ahead packs placeholder ids and only its own rows
+    get their real ids on the device, so a larger graph replayed on the leftover inputs (as a
+    benchmark does) would embed an earlier step's placeholders.
     tables: flat int32 buffer; its first bucket * width entries become the [bucket, width] table.
     """
     n = len(seqs)
@@ -80,8 +84,8 @@ def pack_decode(seqs: Sequence[ScheduledSeq], block_size: int, bucket: int, vec:
     vec[POSITIONS, :n] = [s.start_pos for s in seqs]
     vec[SLOTS, :n] = [s.block_ids[s.start_pos // block_size] * block_size + s.start_pos % block_size for s in seqs]
     vec[CONTEXT_LENS, :n] = [s.start_pos + 1 for s in seqs]
-    vec[IDS:CONTEXT_LENS + 1, n:bucket] = 0
-    vec[SLOTS, n:bucket] = -1
+    vec[IDS:CONTEXT_LENS + 1, n:] = 0
+    vec[SLOTS, n:] = -1
     table = tables[:bucket * width].reshape(bucket, width)
     for i, s in enumerate(seqs):
         table[i, :len(s.block_ids)] = s.block_ids

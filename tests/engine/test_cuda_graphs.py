@@ -1,9 +1,14 @@
 """CUDA-graph bucketing and padding: the host-side logic, which needs no GPU."""
+import types
+
 import numpy as np
 import pytest
+import torch
 
-from engine.cuda_graphs import CONTEXT_LENS, IDS, POSITIONS, SLOTS, bucket_for, graph_batch_sizes, is_decode, pack_decode
-from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.attention import KVCache
+from engine.cuda_graphs import (CONTEXT_LENS, IDS, POSITIONS, SLOTS, DecodeGraphs, bucket_for, graph_batch_sizes,
+                                is_decode, pack_decode)
+from engine.scheduler import UNKNOWN_TOKEN, ScheduledSeq, SchedulerOutput
 
 
 def seq(rid, tokens, start, blocks, sample=True, prompt_logprobs=False):
@@ -52,5 +57,44 @@ def test_pack_pads_rows_so_they_write_and_read_nothing():
     assert vec[SLOTS, :4].tolist() == [3 * 16 + 5, 9 * 16 + 4, 6 * 16 + 3, -1]
     assert vec[CONTEXT_LENS, :4].tolist() == [6, 21, 36, 0]
     assert tables[:12].reshape(4, 3).tolist() == [[3, 77, 77], [4, 9, 77], [1, 2, 6], [0, 0, 0]]
-    # Stale entries past a row's blocks lie beyond its context, so they are never read.
-    assert vec[IDS, 4:].tolist() == [99] * 4
+    # Stale table entries past a row's blocks lie beyond its context, so they are never read; rows past
+    # the bucket are padding too, so a larger graph replayed on these inputs reads nothing stale.
+    assert vec[IDS, 4:].tolist() == [0] * 4 and vec[SLOTS, 4:].tolist() == [-1] * 4
+    assert vec[POSITIONS, 4:].tolist() == vec[CONTEXT_LENS, 4:].tolist() == [0] * 4
+
+
+class _NoEvent:
+    """torch.cuda.Event's stand-in on the CPU: host and device are one, nothing to wait for."""
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def cpu_decode_graphs(monkeypatch, max_num_seqs: int, vocab: int = 128) -> DecodeGraphs:
+    """DecodeGraphs' buffers and per-step preparation on the CPU (no capture): pinning and events are stubbed."""
+    monkeypatch.setattr(torch.cuda, "Event", _NoEvent)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    config = types.SimpleNamespace(head_dim=8, vocab_size=vocab)
+    kv = KVCache(1, 64, 16, 1, 8, torch.float32, "cpu")
+    return DecodeGraphs(types.SimpleNamespace(config=config), kv, torch.zeros(8, 8), max_num_seqs, 256)
+
+
+def test_steps_planned_ahead_leave_only_real_ids_in_the_static_inputs(monkeypatch):
+    """A step planned before its tokens reached the host carries placeholder ids that its device tokens
+    replace in the first n rows. Rows past a smaller later bucket must not keep an earlier step's
+    placeholders: any graph replayed on the leftover inputs (a benchmark timing the largest one) would
+    embed them, an out-of-range index on the GPU."""
+    graphs = cpu_decode_graphs(monkeypatch, max_num_seqs=64)
+    for n in (64, 48, 13):
+        plan = SchedulerOutput(seqs=tuple(seq(f"r{i}", [UNKNOWN_TOKEN], 5, [i]) for i in range(n)))
+        tokens = torch.arange(n, dtype=torch.long) + 7
+        inp = graphs.prepare(plan, tokens)
+        assert inp.graph_batch == bucket_for(n, graphs.sizes)
+        assert inp.input_ids.tolist() == [tokens.tolist()]
+        ids = graphs.vec[IDS]
+        assert bool(((ids >= 0) & (ids < 128)).all()), ids.tolist()
+        assert graphs.vec[SLOTS, n:].tolist() == [-1] * (64 - n)
+        assert graphs.vec[CONTEXT_LENS, n:].tolist() == [0] * (64 - n)
