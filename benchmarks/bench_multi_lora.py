@@ -81,9 +81,9 @@ class StepTimer:
         self.runner = engine.runner
         engine.runner.execute = self
 
-    def __call__(self, plan):
+    def __call__(self, plan, input_ids=None):  # input_ids: a step planned ahead (overlapped decode)
         start = time.perf_counter()
-        inp = self.runner.prepare_inputs(plan)
+        inp = self.runner.prepare_inputs(plan, input_ids)
         prepared = time.perf_counter()
         out = self.runner.execute_model(inp)
         launched = time.perf_counter()
@@ -97,28 +97,39 @@ class StepTimer:
 
 
 class LastGraph:
-    """Remembers the captured graph of the largest decode batch (the latest of those), to time its replay
-    alone afterwards. Not simply the last step's: requests admitted in later prefill steps finish later,
-    so a run's last decode steps are smaller batches."""
+    """Remembers the captured graph of the largest decode batch (the latest of those) and that step's
+    inputs, to time its replay alone afterwards. Not simply the last step's: requests admitted in later
+    prefill steps finish later, so a run's last decode steps are smaller batches, and the static input
+    buffers then hold a smaller step (its rows past the batch are padding), so the remembered step is
+    packed into them again before timing."""
 
     def __init__(self, engine: Engine):
         self.graphs = engine.runner.graphs
         self.graph = None
         self.batch = 0
+        self.inputs = None  # (plan, device input ids or None) of the remembered step
+        self._preparing = None
         if self.graphs is not None:
-            replay = self.graphs.replay
+            prepare, replay = self.graphs.prepare, self.graphs.replay
+
+            def preparing(plan, input_ids=None):
+                self._preparing = (plan, input_ids)
+                return prepare(plan, input_ids)
 
             def remembering(inp):
                 if inp.graph_batch >= self.batch:
                     self.graph, self.batch = self.graphs.graph_for(inp), inp.graph_batch
+                    self.inputs = self._preparing
                 return replay(inp)
 
-            self.graphs.replay = remembering
+            self.graphs.prepare, self.graphs.replay = preparing, remembering
 
     def replay_ms(self, iters: int = 100) -> float | None:
-        """Median GPU milliseconds of one replay (CUDA events over batches of replays); None without graphs."""
+        """Median GPU milliseconds of one replay (CUDA events over batches of replays); None without graphs.
+        The step's KV slots are written again: their requests have ended, nothing reads them."""
         if self.graph is None:
             return None
+        self.graphs.prepare(*self.inputs)
         for _ in range(5):
             self.graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
