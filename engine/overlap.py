@@ -24,7 +24,7 @@ The request frees it; a later owner writes it on the same stream, after that row
 Opt-in for now: EMBER_OVERLAP_DECODE=1 (or `EngineConfig(extra={"overlap_decode": True})`) turns it
 on, on any device (the CPU tests use it). On the GPU it has passed the GPU tests (up to 16
 concurrent requests, CUDA graphs and eager) and the batch-1 decode benchmark. A 64-request
-benchmark run with it on crashed on the device; the likely cause, found afterwards by reading, was
+benchmark run with it on crashed on the GPU; the likely cause, found afterwards by reading, was
 the benchmark replaying a 64-row graph on inputs whose rows past a smaller step's bucket still held
 a planned-ahead step's placeholder ids (padding now covers them). It stays off by default until a
 GPU run at that scale confirms it.
