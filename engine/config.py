@@ -6,6 +6,7 @@ and the `rope_parameters` dict that transformers 5 writes; it always writes both
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,16 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+
+_SWITCH_OFF = ("0", "false", "no", "off")
+_SWITCH_ON = ("1", "true", "yes", "on")
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: True for 1/true/yes/on, False for 0/false/no/off (any case),
+    None when it is unset or says something else (the caller's default then applies)."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in _SWITCH_ON else False if value in _SWITCH_OFF else None
 
 
 @dataclass

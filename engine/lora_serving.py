@@ -18,7 +18,6 @@ EMBER_LORA_OVERLAP=0 runs them one after the other (for comparison).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import env_switch
 from engine.kernels.lora_batched import LoraSegments, add_lora
 from engine.lora import base_weight, is_linear
 
@@ -38,17 +38,13 @@ class LoraBatch:
     has_dora: bool
 
 
-def _overlap_enabled() -> bool:
-    return os.environ.get("EMBER_LORA_OVERLAP", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 class LoraStepContext:
     """What the adapter wrappers read during a forward: the step's LoraBatch, or None (base model only),
     and the side stream the shrinks run on (CUDA only)."""
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
-        self.overlap = _overlap_enabled()
+        self.overlap = env_switch("EMBER_LORA_OVERLAP") is not False  # on unless switched off
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def side_stream(self, x: torch.Tensor) -> "torch.cuda.Stream | None":

@@ -31,12 +31,11 @@ GPU run at that scale confirms it.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, env_switch
 from engine.cuda_graphs import is_decode
 from engine.request import Request
 from engine.runner import ModelOutput
@@ -44,16 +43,12 @@ from engine.sampler import SamplerOutput, SamplingRow
 from engine.scheduler import Scheduler, SchedulerOutput
 
 ENV = "EMBER_OVERLAP_DECODE"
-_OFF = ("0", "false", "no", "off")
-_ON = ("1", "true", "yes", "on")
 
 
 def overlap_enabled(config: EngineConfig) -> bool:
     """The environment variable EMBER_OVERLAP_DECODE, else extra["overlap_decode"], else off."""
-    env = os.environ.get(ENV, "").strip().lower()
-    if env in _OFF or env in _ON:
-        return env in _ON
-    return bool(config.extra.get("overlap_decode", False))
+    env = env_switch(ENV)
+    return bool(config.extra.get("overlap_decode", False)) if env is None else env
 
 
 class HostTokens:
