@@ -400,8 +400,7 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             row["paged_nosplit_ms"] = run(num_splits=1)
             if sweep and (b, ctx) in ATTN_SWEEP_CASES and time.perf_counter() < deadline:
                 trials = []
-                for c in _CONFIGS:
-                    cfg = {"BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+                for cfg in _CONFIGS:
                     for s in sorted({splits, max(1, splits // 2), 2 * splits, 4 * splits}):
                         if time.perf_counter() > deadline:
                             break

@@ -31,8 +31,8 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The autotune list, cut to its first entry under the interpreter."""
+def pick_configs(configs: list) -> list:
+    """A list of launch configs (an autotune list, or a sweep's), cut to its first entry under the interpreter."""
     return configs[:1] if INTERPRET else configs
 
 

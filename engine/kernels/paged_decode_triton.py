@@ -15,7 +15,7 @@ import triton.language as tl
 from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pick_configs
 
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
-# autotuned tile size divides a split.
+# tile size divides a split.
 SPLIT_ALIGN = 128
 # Splits are at least this long. Measured on the H200 at batch 1, 2k context: 16 splits of 128
 # tokens ran in 8.7 us against 12.2 us for 8 of 256 (the merge is cheap next to a longer serial scan).
@@ -23,15 +23,14 @@ MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
 # Launch configurations a sweep times (benchmarks/bench_kernels.py --sweep); the kernel itself runs
-# the measured table below, not Triton's autotuner.
-_CONFIGS = pick_configs([
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4),
+# the measured table below (the interpreter the first of these).
+_CONFIGS: list[dict] = pick_configs([
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4},
 ])
-CONFIG_NAMES = ("BLOCK_N", "num_warps", "num_stages")
 
 # Measured winners by launch size (work_bucket), from the H200 sweep of benchmarks/NOTES.md: up to
 # two programs an SM, 128-token tiles (batch 32 at 2k-8k: 69 / 248 us against 76 / 276 with 64;
@@ -53,10 +52,7 @@ def work_bucket(programs: int, sm_count: int) -> int:
 def decode_config(programs: int, sm_count: int) -> dict:
     """The launch configuration for a decode launch of `programs` programs (the interpreter takes
     the sweep list's first, as elsewhere)."""
-    if INTERPRET:
-        c = _CONFIGS[0]
-        return {"BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
-    return DECODE_CONFIGS[work_bucket(programs, sm_count)]
+    return _CONFIGS[0] if INTERPRET else DECODE_CONFIGS[work_bucket(programs, sm_count)]
 
 
 @triton.jit
