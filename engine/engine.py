@@ -126,7 +126,7 @@ class Engine:
         self.groups: dict[str, list[str]] = {}  # user request id -> its choices' request ids
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.overlap = overlap_enabled(config)
+        self.overlap = overlap_enabled(config, self.runner.device)
         self.overlapped_steps = 0
         self._in_flight: Flight | None = None  # a step launched by the previous step() call, not landed
 

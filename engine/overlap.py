@@ -21,13 +21,10 @@ row wrote its KV into the request's own last block, which is partly filled, owne
 full blocks are shared) and never registered in the prefix cache (only full computed blocks are).
 The request frees it; a later owner writes it on the same stream, after that row.
 
-Opt-in for now: EMBER_OVERLAP_DECODE=1 (or `EngineConfig(extra={"overlap_decode": True})`) turns it
-on, on any device (the CPU tests use it). On the GPU it has passed the GPU tests (up to 16
-concurrent requests, CUDA graphs and eager) and the batch-1 decode benchmark. A 64-request
-benchmark run with it on crashed on the GPU; the likely cause, found afterwards by reading, was
-the benchmark replaying a 64-row graph on inputs whose rows past a smaller step's bucket still held
-a planned-ahead step's placeholder ids (padding now covers them). It stays off by default until a
-GPU run at that scale confirms it.
+On by default on CUDA; `EngineConfig(extra={"overlap_decode": True})` turns it on elsewhere (the CPU
+tests use it) and False turns it off; the environment variable EMBER_OVERLAP_DECODE=0 (or 1)
+overrides both. The GPU tests compare it with synchronous steps token for token, up to 64
+concurrent requests, with CUDA graphs and eagerly, adapters included.
 """
 from __future__ import annotations
 
@@ -45,10 +42,13 @@ from engine.scheduler import Scheduler, SchedulerOutput
 ENV = "EMBER_OVERLAP_DECODE"
 
 
-def overlap_enabled(config: EngineConfig) -> bool:
-    """The environment variable EMBER_OVERLAP_DECODE, else extra["overlap_decode"], else off."""
+def overlap_enabled(config: EngineConfig, device: torch.device) -> bool:
+    """The environment variable EMBER_OVERLAP_DECODE, else extra["overlap_decode"], else on for CUDA."""
     env = env_switch(ENV)
-    return bool(config.extra.get("overlap_decode", False)) if env is None else env
+    if env is not None:
+        return env
+    forced = config.extra.get("overlap_decode")
+    return device.type == "cuda" if forced is None else bool(forced)
 
 
 class HostTokens:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine (about 8 minutes on an H200): multi-LoRA serving's GPU tests, then its throughput
+# On a CUDA machine (about 9 minutes on an H200): multi-LoRA serving's GPU tests, then its throughput
 # benchmark on the 1B and 8B shapes (1, 8 and 32 distinct rank-16 adapters against the base model).
 # Copy OUTDIR/multi_lora_{1b,8b}.json to benchmarks/results/multi-lora-h200.json and
 # multi-lora-8b-h200.json, then run `python benchmarks/render_performance.py`.
@@ -8,13 +8,13 @@ set -uo pipefail
 out=${1:-out/lora}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
-  tests/engine/test_lora_serving.py tests/engine/kernels/test_paged_attention.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
+  tests/engine/test_lora_serving.py tests/engine/kernels/test_paged_attention.py \
+  tests/engine/kernels/test_norm_activation.py tests/engine/test_fused_path.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
 timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --overlap-ab --json-out "$out/multi_lora_1b.json" \
   2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b.txt"
 timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --repeats 2 \
   --json-out "$out/multi_lora_8b.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_8b.txt"
-# The engine as it serves with overlapped decode on (opt-in); the head of any error is kept.
-EMBER_OVERLAP_DECODE=1 timeout 150 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b \
-  --json-out "$out/multi_lora_1b_overlap.json" > "$out/multi_lora_1b_overlap.log" 2>&1
-grep -v '^engine\.' "$out/multi_lora_1b_overlap.log" | head -60
+# A/B: synchronous decode steps (overlapped decode off) at the largest adapter count.
+EMBER_OVERLAP_DECODE=0 timeout 120 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b \
+  --adapter-counts 32 --repeats 2 --json-out "$out/multi_lora_1b_sync.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b_sync.txt"
