@@ -21,7 +21,6 @@ from torch import nn
 
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.rmsnorm import rmsnorm
-from engine.lora_serving import project_adding_update_into, project_with_separate_update
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
 from engine.quant import QuantLinear
 
@@ -79,8 +78,7 @@ class FusedAttention(nn.Module):
         self.qkv_proj = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
 
-    def forward(self, x, cos, sin, attn, residual: torch.Tensor | None = None):
-        """`residual`: the stream the caller adds this output to; o_proj's adapter update may go into it."""
+    def forward(self, x, cos, sin, attn):
         b, t, _ = x.shape
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)  # [B, T, q_dim + 2 kv_dim]; q, k, v are strided views of it
@@ -90,8 +88,7 @@ class FusedAttention(nn.Module):
         if cos is not None:  # None: the backend rotates q and k itself
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = causal_attention(q, k, v) if attn is None else attn.attend(self.layer_idx, q, k, v)
-        out = out.reshape(b, t, -1)
-        return self.o_proj(out) if residual is None else project_adding_update_into(self.o_proj, out, residual)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class FusedMLP(nn.Module):
@@ -102,12 +99,8 @@ class FusedMLP(nn.Module):
         self.gate_up_proj = merge_linears([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
 
-    def forward(self, x, residual: torch.Tensor | None = None):
-        """[..., d] -> [..., 2I] -> [..., I] -> [..., d]. Adapter updates of gate/up are added by the SwiGLU
-        kernel; down_proj's go into `residual` (the stream the caller adds this output to) when given."""
-        gate_up, delta = project_with_separate_update(self.gate_up_proj, x)
-        act = silu_and_mul(gate_up, delta)
-        return self.down_proj(act) if residual is None else project_adding_update_into(self.down_proj, act, residual)
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [..., 2I] -> [..., I] -> [..., d]
 
 
 class FusedDecoderLayer(nn.Module):
@@ -128,22 +121,17 @@ class FusedDecoderLayer(nn.Module):
         else:
             self.mlp = layer.mlp
 
-    def feed_forward(self, x, residual):
-        if hasattr(self, "block_sparse_moe"):
-            return self.block_sparse_moe(x)
-        return self.mlp(x, residual) if isinstance(self.mlp, FusedMLP) else self.mlp(x)
+    def feed_forward(self, x):
+        return self.block_sparse_moe(x) if hasattr(self, "block_sparse_moe") else self.mlp(x)
 
     def forward(self, x, cos, sin, attn):
         if isinstance(x, tuple):  # (previous layer's MLP output, residual stream)
             n, x = self.input_layernorm(x[0], x[1])  # x <- residual + delta; n = norm(x)
         else:
             n = self.input_layernorm(x)
-        # The sublayers may add their adapter updates into the residual stream x in place (the norms
-        # after them sum x and their outputs anyway); x is no one else's tensor.
-        attn_layer = self.self_attn
-        a = attn_layer(n, cos, sin, attn, x) if isinstance(attn_layer, FusedAttention) else attn_layer(n, cos, sin, attn)
+        a = self.self_attn(n, cos, sin, attn)
         h, x = self.post_attention_layernorm(a, x)  # x <- x + a; h = norm(x)
-        return self.feed_forward(h, x), x
+        return self.feed_forward(h), x
 
 
 def fuse_model(model: nn.Module) -> nn.Module:

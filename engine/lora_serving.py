@@ -13,15 +13,7 @@ the per-row factor m/||W + sBA|| is computed once per adapter when its slot is f
 On CUDA the shrink (x A^T, which needs only x) runs on a side stream while the base projection runs
 on the main one; the expand joins them. In a decode graph the two become parallel branches, so the
 shrink's few microseconds hide behind the base GEMM instead of adding to every adapted projection.
-
-The fused model (engine/fusion.py) takes the expand off the main stream too, where a consumer adds
-the update anyway (`project_adding_update_into`, `project_with_separate_update`):
-  - o_proj and down_proj outputs are summed with the residual stream by the next norm, so their
-    update is added into the residual stream itself, beside the base GEMM;
-  - gate_up_proj's update goes into a buffer of its own that the SwiGLU kernel adds.
-Only the fused q/k/v projection (whose consumer is the RoPE and cache-write kernel) keeps the
-expand after its GEMM. DoRA batches keep the in-order path (the rescale multiplies base + update).
-EMBER_LORA_OVERLAP=0 runs the same kernels one after the other (for comparison; same bits).
+EMBER_LORA_OVERLAP=0 runs them one after the other (for comparison).
 """
 from __future__ import annotations
 
@@ -108,19 +100,11 @@ class ServingLoraLinear(nn.Module):
         self.register_buffer("scaling", torch.zeros(num_slots, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("rescale", torch.ones(num_slots, n, dtype=torch.float32, device=device), persistent=False)
 
-    def forward(self, x: torch.Tensor, lora_into: torch.Tensor | None = None) -> torch.Tensor:
-        """The base output plus each token's adapter update; with `lora_into` (a tensor the caller adds to
-        this output anyway, of the same shape: the residual stream), the update is added into it
-        instead, and the output is the base projection's alone (DoRA batches: the update stays in the
-        output, `lora_into` untouched)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.batch
         if batch is None:
             return self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])  # [N, K]
-        if lora_into is not None and not batch.has_dora:
-            assert lora_into.shape == (*x.shape[:-1], self.out_features), "lora_into must have the output's shape"
-            y = self._base_and_update_into(flat, batch, lora_into.view(-1, self.out_features), zero_first=False)
-            return y.view(*x.shape[:-1], self.out_features)
         if not batch.has_dora:
             y = self._base_plus_lora(flat, batch, self.base_layer, None)  # [N, out], bias included
         else:
@@ -130,42 +114,6 @@ class ServingLoraLinear(nn.Module):
             if bias is not None:
                 y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
-
-    def forward_with_separate_update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(base output, adapter update or None) whose sum is forward(x); DoRA batches: (forward(x), None)."""
-        batch = self.context.batch
-        if batch is None or batch.has_dora:
-            return self(x), None
-        flat = x.reshape(-1, x.shape[-1])
-        delta = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        y = self._base_and_update_into(flat, batch, delta, zero_first=True)
-        shape = (*x.shape[:-1], self.out_features)
-        return y.view(shape), delta.view(shape)
-
-    def _base_and_update_into(self, flat: torch.Tensor, batch: LoraBatch, into: torch.Tensor,
-                              zero_first: bool) -> torch.Tensor:
-        """base(flat); each token's update added into `into` [N, out] (zeroed first if asked), the whole
-        update (shrink and expand) on the side stream beside the base projection on CUDA."""
-        stream = self.context.side_stream(flat)
-        if stream is None:
-            y = self.base_layer(flat)
-            if zero_first:
-                into.zero_()
-            add_lora(into, flat, batch.segments, self.lora_a, self.lora_b, self.scaling, None, self.kernel_slices)
-            return y
-        from engine.kernels.lora_batched_triton import lora_expand_triton, lora_shrink_triton, shrink_partials
-
-        main = torch.cuda.current_stream(flat.device)
-        part = shrink_partials(flat, batch.segments, self.lora_a)  # owned by the main stream, as `into` is
-        stream.wait_stream(main)  # x, `into` (and the step's segments) are ready
-        with torch.cuda.stream(stream):
-            if zero_first:
-                into.zero_()
-            lora_shrink_triton(flat, batch.segments, self.lora_a, part)
-            lora_expand_triton(into, part, batch.segments, self.lora_b, self.scaling, None, self.kernel_slices)
-        y = self.base_layer(flat)
-        main.wait_stream(stream)
-        return y
 
     def _base_without_bias(self, flat: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.base_layer, "bias", None)
@@ -220,17 +168,6 @@ class ServingLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"slots={self.lora_a.shape[0]}, max_rank={self.max_rank}, slices={len(self.slice_paths)}"
-
-
-def project_adding_update_into(layer: nn.Module, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-    """layer(x) for a caller that adds the result to `into` anyway (the residual stream): a layer serving
-    adapters adds their update into `into` instead of into its output (see ServingLoraLinear.forward)."""
-    return layer(x, lora_into=into) if isinstance(layer, ServingLoraLinear) else layer(x)
-
-
-def project_with_separate_update(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(output, None) for a plain layer; (base output, adapter update or None) for one serving adapters."""
-    return layer.forward_with_separate_update(x) if isinstance(layer, ServingLoraLinear) else (layer(x), None)
 
 
 # Fused projections (engine/fusion.py) and the targets they hold, in output order.
