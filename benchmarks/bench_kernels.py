@@ -209,6 +209,14 @@ def quant_candidates(bits: int, m: int) -> list:
         if bits == 4:
             out += [T(16, 64, 4, 3), T(16, 128, 4, 3), T(16, 128, 8, 3), T(16, 256, 8, 3),
                     T(16, 64, 4, 3, prefetch=0)]
+            # "mma": the packed tile staged by the pipeliner. W as mma.sync's B operand (5.4
+            # instructions a byte at 16 x 128, 4 warps) or wgmma's A (5.8); 4 warps at BLOCK_M 16
+            # (with 8, a plane's activation tile is 2 bytes a thread: not cp.async-able).
+            mma = dict(kernel="mma")
+            out += [] if m == 1 else [T(16, 128, 4, 3, **mma), T(16, 128, 4, 4, **mma), T(16, 64, 4, 4, **mma),
+                    T(16, 64, 4, 6, waves=8, **mma), T(16, 128, 4, 3, waves=2, **mma),
+                    T(16, 128, 4, 3, w_is_a=True, **mma), T(16, 64, 4, 4, w_is_a=True, **mma),
+                    T(16, 256, 4, 3, **mma)]
         else:
             out += [T(16, 64, 4, 4), T(16, 128, 8, 4), T(16, 64, 4, 4, block_k=256)]
             if m > 4:
@@ -216,6 +224,13 @@ def quant_candidates(bits: int, m: int) -> list:
     else:
         if bits == 4:
             out += [T(64, 64, 4, 3), T(64, 128, 8, 3), T(32, 128, 4, 3), T(64, 64, 4, 4)]
+            # "mma" at M = 64: W as wgmma's A operand (sass_report: 6.5 instructions a byte at
+            # 64 x 128, 4 warps); W as B with BLOCK_M 64 makes Triton stage the unpacked tile in
+            # shared memory for wgmma, so only BLOCK_M 32 there.
+            mma = dict(kernel="mma", w_is_a=True)
+            out += [T(64, 128, 4, 3, **mma), T(64, 64, 4, 4, **mma), T(64, 128, 4, 4, waves=2, **mma),
+                    T(64, 128, 8, 3, **mma), T(64, 256, 8, 3, **mma), T(32, 128, 4, 3, kernel="mma"),
+                    T(32, 64, 4, 4, kernel="mma")]
         else:
             out += [T(64, 64, 4, 4), T(64, 128, 4, 3), T(64, 128, 8, 3)]
     return out
@@ -324,6 +339,7 @@ def _sweep_case(x, copies_, bits, m, repeats, candidates, deadline, matmul, repl
         c = best["config"]
         print(f"      sweep int{bits} M={m}: {len(ok)} configs, best {c['kernel']} {c['block_m']}x{c['block_n']} "
               f"w{c['num_warps']} s{c['num_stages']} pf{c['prefetch']} bk{c['block_k']} waves{c['waves']} "
+              f"{'A ' if c.get('w_is_a') else ''}"
               f"split{c['split_k']} {best['ms'] * 1e3:.1f} us")
     return out
 

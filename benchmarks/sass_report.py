@@ -44,6 +44,7 @@ def _cases():
     from engine.kernels.quant_gemv_h2_triton import PRE_COLS, UNROLL, _gemv_h2_kernel
     from engine.kernels.quant_gemv_triton import _gemv_kernel
     from engine.kernels.quant_matmul_triton import _int4_dot_kernel, _int8_dot_kernel
+    from engine.kernels.quant_mma_triton import _int4_mma_kernel
     from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
 
     def gemv(bits, words, bm, bn, warps):
@@ -58,6 +59,11 @@ def _cases():
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
                                              HAS_BIAS=False, PREFETCH=2, X_PERMUTED=permuted), warps, 3, bn * 64)
+
+    def mma4(bm, bn, warps, stages=3, w_is_a=False, group=128):  # one group a step: bn * group / 2 bytes
+        return (_int4_mma_kernel, PTRS, dict(GROUP=group, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
+                                             HAS_BIAS=False, W_IS_A=w_is_a, ASM=group == 128, SKIND=0,
+                                             EMULATE=False), warps, stages, bn * group // 2)
 
     def dot8(bm, bn, warps, bk=128):
         return (_int8_dot_kernel, dict(PTRS, w_ptr="*i8"), dict(PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -97,6 +103,14 @@ def _cases():
         "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),
         "int4_dot_m16_n128_w8": dot4(16, 128, 8), "int4_dot_m16_n64_w4": dot4(16, 64, 4),
         "int4_dot_m64_n128_w8": dot4(64, 128, 8, True),
+        "int4_mma_m16_n64_w4": mma4(16, 64, 4), "int4_mma_m16_n128_w4": mma4(16, 128, 4),
+                "int4_mma_m16_n256_w4": mma4(16, 256, 4), "int4_mma_m32_n128_w4": mma4(32, 128, 4),
+        "int4_mma_m32_n64_w4": mma4(32, 64, 4), "int4_mma_m64_n64_w4": mma4(64, 64, 4),
+        "int4_mma_a_m16_n64_w4": mma4(16, 64, 4, w_is_a=True), "int4_mma_a_m16_n128_w4": mma4(16, 128, 4, w_is_a=True),
+        "int4_mma_a_m64_n128_w4": mma4(64, 128, 4, w_is_a=True),
+        "int4_mma_a_m64_n128_w8": mma4(64, 128, 8, w_is_a=True), "int4_mma_a_m64_n64_w4": mma4(64, 64, 4, w_is_a=True),
+        "int4_mma_a_m64_n256_w8": mma4(64, 256, 8, w_is_a=True),
+        "int4_mma_m16_n128_w4_g64": mma4(16, 128, 4, group=64), "int4_mma_m16_n128_w4_g32": mma4(16, 128, 4, group=32),
         "int8_dot_m16_n64_w4": dot8(16, 64, 4), "int8_dot_m16_n128_w8": dot8(16, 128, 8),
         "decode_n64_w4_s3": decode(64, 4, 3), "decode_n128_w8_s2": decode(128, 8, 2),
     }

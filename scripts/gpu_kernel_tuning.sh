@@ -16,6 +16,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 
 timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/engine/kernels/test_quant_matmul.py tests/engine/kernels/test_quant_codes.py tests/engine/kernels/test_quant_gemv_h2.py \
+  tests/engine/kernels/test_quant_mma.py \
   tests/engine/kernels/test_paged_attention.py 2>&1 | tail -40 | tee "$out/pytest_gpu_kernels.txt"
 echo "parity tests done, $(left) s left" | tee -a "$out/pytest_gpu_kernels.txt"
 

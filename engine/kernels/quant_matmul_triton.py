@@ -5,6 +5,8 @@ Two kernel families, chosen per call by tile_config() (quant_tuning.py):
     only a few times and the work is streaming the weights with few instructions per byte;
     "gemv_h2" (quant_gemv_h2_triton.py) is its int4 / int8 variant on packed fp16 pairs (PTX:
     CUDA only; elsewhere, or for shapes it does not take, the config runs as "gemv");
+  - "mma" (quant_mma_triton.py): int4 on tensor cores whose packed tile reaches tl.dot through
+    elementwise operations only, so the pipeliner stages it (int8 configs run as "dot");
   - "dot" (here): a program owns a BLOCK_M x BLOCK_N output tile, turns codes into activation
     dtype values in registers and feeds the tensor cores (tl.dot). int4 codes become MAGIC + c
     by bit operations, two per 32-bit operation (see _nibble_pair), and c - 8 by one exact
@@ -26,6 +28,7 @@ import triton.language as tl
 from engine.kernels._triton_util import dot_precision, num_sms
 from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps, gemv_h2_supported
 from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
+from engine.kernels.quant_mma_triton import int4_mma, mma_supported
 from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
 from engine.kernels.quant_tuning import DEQUANT_MIN_M, TileConfig, tile_config
 
@@ -243,6 +246,13 @@ def quant_matmul_triton(
             gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
+    if cfg.kernel == "mma":
+        if bits == 4 and mma_supported(x2, scales):
+            tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+            split, per_split = _split(tiles, k // group, cfg, x.device)
+            int4_mma(x2, words, scales, bias, out, cfg, split, per_split)
+            return out.view(*x.shape[:-1], n_out)
+        cfg = replace(cfg, kernel="dot")
     if cfg.kernel == "gemv":
         block_m = min(cfg.block_m, 4)
         if bits == 4:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 DEQUANT_MIN_M = 1024  # from here on: dequantize once, then cuBLAS (compute-bound)
-KERNELS = ("gemv", "gemv_h2", "dot", "dequant")
+KERNELS = ("gemv", "gemv_h2", "dot", "mma", "dequant")
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,13 @@ class TileConfig:
 
     kernel: "gemv" (CUDA-core FMA, small M), "gemv_h2" (int4 / int8 GEMV on packed fp16 pairs,
     one activation row a program; CUDA only, runs as "gemv" elsewhere or when K does not fit
-    its step (int8: K % 64); block_m, prefetch, block_k unused), "dot" (tensor cores) or
-    "dequant" (cuBLAS).
+    its step (int8: K % 64); block_m, prefetch, block_k unused), "dot" (tensor cores),
+    "mma" (int4 on tensor cores with the packed tile staged by the pipeliner, quant_mma_triton.py;
+    int8 runs as "dot"; prefetch, block_k unused) or "dequant" (cuBLAS).
     split_k: K slices per output tile (None: enough programs for `waves` per SM, each slice at
     least `min_steps` steps long). prefetch: 2 keeps a two-step register ring of weights and
-    scales, 0 loads each step where it is used. block_k: int8 columns per step.
+    scales, 0 loads each step where it is used. block_k: int8 columns per step. w_is_a ("mma"):
+    W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B.
     """
 
     block_m: int
@@ -42,6 +44,7 @@ class TileConfig:
     block_k: int = 128
     waves: int = 4
     min_steps: int = 2
+    w_is_a: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
