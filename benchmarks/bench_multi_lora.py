@@ -18,8 +18,9 @@ With --step-breakdown every step is also split into host preparation, launch and
 GPU (`decode_{prepare,launch,wait}_ms_median`, `decode_step_ms_median`); that timer waits for each
 step's GPU work, so steps then run synchronously.
 
-With --overlap-ab the largest count runs once more on an engine whose shrinks run after their base
-projections instead of beside them on a side stream (EMBER_LORA_OVERLAP=0), an A/B of that overlap.
+With --shrink-ab the largest count runs once more on an engine whose decode steps compute x A^T with
+the separate shrink kernel (on a side stream beside the base projection) instead of inside the base
+projection's GEMM (EMBER_LORA_STACKED=0; engine/lora_serving.py), an A/B of the two.
 
 Two baselines: "base, LoRA off" is an engine without adapter support (its fastest path), and
 "base, LoRA on" is the adapter-enabled engine serving requests without an adapter (what enabling
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", default="out/bench_multi_lora.json")
     ap.add_argument("--step-breakdown", action="store_true",
                     help="time each step's preparation, launch and GPU wait (makes every step synchronous)")
-    ap.add_argument("--overlap-ab", action="store_true",
-                    help="also run the largest adapter count with the shrinks in order (EMBER_LORA_OVERLAP=0)")
+    ap.add_argument("--shrink-ab", action="store_true",
+                    help="also run the largest adapter count with the separate shrink kernel (EMBER_LORA_STACKED=0)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
@@ -267,20 +268,20 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(engine, probes, names[:n], args, f"{n} adapters"))
         evictions = engine.adapters.evictions
         del engine
-        if args.overlap_ab:  # the same adapters with each shrink after its base projection, not beside it
+        if args.shrink_ab:  # the same adapters with the separate shrink kernel, not the stacked GEMM
             del model  # wrapped by the engine above: a fresh copy of the same weights
             gc.collect()
             torch.cuda.empty_cache() if args.device.startswith("cuda") else None
             model = build_model(args.shape, args.device, dtype, args.seed)
-            os.environ["EMBER_LORA_OVERLAP"] = "0"
+            os.environ["EMBER_LORA_STACKED"] = "0"
             try:
                 engine = Engine(EngineConfig(**engine_config), model=model, tokenizer=None, adapters=adapters)
             finally:
-                del os.environ["EMBER_LORA_OVERLAP"]
+                del os.environ["EMBER_LORA_STACKED"]
             for name in names[:max(counts)]:
                 engine.adapters.load(name, name)
             results.append(measure(engine, Probes(engine, args.step_breakdown), names[:max(counts)], args,
-                                   f"{max(counts)} adapters, shrink in order"))
+                                   f"{max(counts)} adapters, shrink kernel"))
             del engine
     del model
     gc.collect()

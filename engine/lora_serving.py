@@ -10,10 +10,16 @@ DoRA is served exactly: for a token of a DoRA adapter the layer computes m/||W +
 the per-row factor m/||W + sBA|| is computed once per adapter when its slot is filled and kept in a
 [slots, out] table (1 for LoRA slots); base tokens never see it.
 
-On CUDA the shrink (x A^T, which needs only x) runs on a side stream while the base projection runs
-on the main one; the expand joins them. In a decode graph the two become parallel branches, so the
-shrink's few microseconds hide behind the base GEMM instead of adding to every adapted projection.
-EMBER_LORA_OVERLAP=0 runs them one after the other (for comparison).
+The shrink (x A^T) of a small step rides on the base projection itself: a dense base layer's weight
+is the first rows of one [out + slots x R, in] matrix whose remaining rows are every slot's A, so one
+GEMM gives W x and every slot's x A^T together, and the expand reads each token's own slot's columns
+(`add_lora_expand`). A step then launches one kernel for its adapters (the expand), not two, and
+the shrink costs the A rows' bytes inside a GEMM that streams at full speed (all slots' A are
+read, used or not: max_loras x ~10 MB a step on a 1B model at rank 16 on all projections). Steps
+of more than STACKED_MAX_TOKENS tokens (prefill) and quantized bases keep the separate shrink kernel,
+which computes only the slots in use: on CUDA it runs on a side stream while the base projection
+runs on the main one, and the expand joins them. EMBER_LORA_STACKED=0 turns the stacked shrink off,
+EMBER_LORA_OVERLAP=0 the side stream (both for comparison).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import env_switch
-from engine.kernels.lora_batched import LoraSegments, add_lora
+from engine.kernels.lora_batched import LoraSegments, add_lora, add_lora_expand
 from engine.lora import base_weight, is_linear
 
 
@@ -45,6 +51,7 @@ class LoraStepContext:
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
         self.overlap = env_switch("EMBER_LORA_OVERLAP") is not False  # on unless switched off
+        self.stacked = env_switch("EMBER_LORA_STACKED") is not False  # on unless switched off
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def side_stream(self, x: torch.Tensor) -> "torch.cuda.Stream | None":
@@ -68,6 +75,9 @@ class LoraStepContext:
             yield
         finally:
             self.batch = None
+
+
+STACKED_MAX_TOKENS = 512  # larger steps (prefill) compute only the slots in use, with the shrink kernel
 
 
 class ServingLoraLinear(nn.Module):
@@ -95,7 +105,17 @@ class ServingLoraLinear(nn.Module):
             raise ValueError(f"slices {slices} do not add up to the layer's {self.out_features} outputs")
         self.max_rank = max_rank
         k, n, r = self.in_features, self.out_features, max_rank * len(slices)
-        self.register_buffer("lora_a", torch.zeros(num_slots, r, k, dtype=dtype, device=device), persistent=False)
+        self.stacked: torch.Tensor | None = None
+        weight = getattr(base_layer, "weight", None)
+        if context.stacked and type(base_layer) is nn.Linear and weight.dtype == dtype and weight.device == device:
+            # [W; A of slot 0; A of slot 1; ...]: the base layer's weight becomes a view of its first rows.
+            stacked = torch.zeros(n + num_slots * r, k, dtype=dtype, device=device)
+            stacked[:n].copy_(weight.detach())
+            base_layer.weight = nn.Parameter(stacked[:n], requires_grad=False)
+            self.stacked = stacked
+            self.register_buffer("lora_a", stacked[n:].view(num_slots, r, k), persistent=False)
+        else:
+            self.register_buffer("lora_a", torch.zeros(num_slots, r, k, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_b", torch.zeros(num_slots, n, r, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scaling", torch.zeros(num_slots, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("rescale", torch.ones(num_slots, n, dtype=torch.float32, device=device), persistent=False)
@@ -105,6 +125,8 @@ class ServingLoraLinear(nn.Module):
         if batch is None:
             return self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])  # [N, K]
+        if self.stacked is not None and flat.shape[0] <= STACKED_MAX_TOKENS:
+            return self._stacked_forward(flat, batch).view(*x.shape[:-1], self.out_features)
         if not batch.has_dora:
             y = self._base_plus_lora(flat, batch, self.base_layer, None)  # [N, out], bias included
         else:
@@ -114,6 +136,16 @@ class ServingLoraLinear(nn.Module):
             if bias is not None:
                 y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _stacked_forward(self, flat: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """One GEMM for W x and every slot's x A^T, then the expand on each token's own slot's columns."""
+        out = F.linear(flat, self.stacked)  # [N, out + slots x R]
+        y, t = out[:, :self.out_features], out[:, self.out_features:]
+        # DoRA rescales W x + s B A x, not the bias: the bias (if any) comes after the expand either way.
+        add_lora_expand(y, t, batch.segments, self.lora_b, self.scaling, self.rescale if batch.has_dora else None,
+                        self.kernel_slices)
+        bias = self.base_layer.bias
+        return y if bias is None else y + bias
 
     def _base_without_bias(self, flat: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.base_layer, "bias", None)

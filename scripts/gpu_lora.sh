@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short H
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
   tests/engine/test_lora_serving.py tests/engine/kernels/test_paged_attention.py \
   tests/engine/kernels/test_norm_activation.py tests/engine/test_fused_path.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
-timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --overlap-ab --json-out "$out/multi_lora_1b.json" \
+timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-1b --shrink-ab --json-out "$out/multi_lora_1b.json" \
   2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_1b.txt"
 timeout 200 python3 benchmarks/bench_multi_lora.py --device cuda --shape llama-8b --repeats 2 \
   --json-out "$out/multi_lora_8b.json" 2>&1 | grep -v '^engine\.' | tee "$out/multi_lora_8b.txt"

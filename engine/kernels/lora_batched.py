@@ -171,23 +171,44 @@ def slice_spans(n_out: int, r: int, slices: Sequence[int] | None) -> list[tuple[
     return [(lo, hi, i * rank, (i + 1) * rank) for i, (lo, hi) in enumerate(zip(starts, ends))]
 
 
+def _groups(seg: LoraSegments):
+    """(slot, start in rows, count) of each group; static (CUDA-graph) segments keep no host copy: their
+    non-empty chunks then."""
+    return seg.groups or [
+        (s, st, n) for s, st, n in zip(*(t.tolist() for t in (seg.chunk_slot, seg.chunk_start, seg.chunk_len))) if n]
+
+
+def _expand_rows(y, rows, slot, t, b, scaling, rescale, spans) -> None:
+    """y[rows] += scaling[slot] * t B[slot]^T over B's diagonal blocks (then * rescale[slot]); t [n, R] fp32."""
+    out = y[rows].float()  # [n, N_out]
+    for lo, hi, r_lo, r_hi in spans:
+        out[:, lo:hi] += (t[:, r_lo:r_hi] @ b[slot, lo:hi, r_lo:r_hi].float().T) * scaling[slot].float()
+    if rescale is not None:
+        out = out * rescale[slot].float()
+    y[rows] = out.to(y.dtype)
+
+
 def lora_batched_ref(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tensor, b: torch.Tensor,
                      scaling: torch.Tensor, rescale: torch.Tensor | None = None,
                      slices: Sequence[int] | None = None) -> torch.Tensor:
     """Pure-torch batched LoRA, in place on y [N, N_out]; returns y. Math in fp32, one matmul pair per slot
     (and per slice of a packed layer)."""
     spans = slice_spans(y.shape[1], a.shape[1], slices)
-    groups = seg.groups or [  # static (CUDA-graph) segments keep no host copy: their non-empty chunks
-        (s, st, n) for s, st, n in zip(*(t.tolist() for t in (seg.chunk_slot, seg.chunk_start, seg.chunk_len))) if n]
-    for slot, start, count in groups:
+    for slot, start, count in _groups(seg):
         rows = seg.rows[start:start + count].long()
-        t = x[rows].float() @ a[slot].float().T  # [n, R]
-        out = y[rows].float()  # [n, N_out]
-        for lo, hi, r_lo, r_hi in spans:
-            out[:, lo:hi] += (t[:, r_lo:r_hi] @ b[slot, lo:hi, r_lo:r_hi].float().T) * scaling[slot].float()
-        if rescale is not None:
-            out = out * rescale[slot].float()
-        y[rows] = out.to(y.dtype)
+        _expand_rows(y, rows, slot, x[rows].float() @ a[slot].float().T, b, scaling, rescale, spans)
+    return y
+
+
+def lora_expand_ref(y: torch.Tensor, t: torch.Tensor, seg: LoraSegments, b: torch.Tensor, scaling: torch.Tensor,
+                    rescale: torch.Tensor | None = None, slices: Sequence[int] | None = None) -> torch.Tensor:
+    """The expand alone, in place on y [N, N_out]: t [N, S x R] holds every slot's x A^T per token (row i,
+    columns s x R .. (s + 1) x R: token i's x A[s]^T); each token takes its own slot's columns."""
+    r = b.shape[2]
+    spans = slice_spans(y.shape[1], r, slices)
+    for slot, start, count in _groups(seg):
+        rows = seg.rows[start:start + count].long()
+        _expand_rows(y, rows, slot, t[rows, slot * r:(slot + 1) * r].float(), b, scaling, rescale, spans)
     return y
 
 
@@ -205,3 +226,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, a: torch.Tenso
 
         return lora_batched_triton(y, x, seg, a, b, scaling, rescale, slices)
     return lora_batched_ref(y, x, seg, a, b, scaling, rescale, slices)
+
+
+def add_lora_expand(y: torch.Tensor, t: torch.Tensor, seg: LoraSegments, b: torch.Tensor, scaling: torch.Tensor,
+                    rescale: torch.Tensor | None = None, slices: Sequence[int] | None = None) -> torch.Tensor:
+    """y += per-token s * t B^T (then * rescale) where t [N, S x R] already holds x A^T for every slot (computed
+    with the base projection, see lora_serving.py); Triton on CUDA, else lora_expand_ref."""
+    if use_triton(y, t, b):
+        from engine.kernels.lora_batched_triton import lora_expand_triton
+
+        return lora_expand_triton(y, t, seg, b, scaling, rescale, slices)
+    return lora_expand_ref(y, t, seg, b, scaling, rescale, slices)

@@ -66,15 +66,21 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _slice_partials(part_ptr, start, m, m_ok, r, r_ok, i, slice_rank, stride_ps, stride_pm,
-                    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, FULL_R: tl.constexpr):
-    """Sum of the shrink's split-K partials for slice i's rank columns, [BLOCK_M, BLOCK_R] fp32 (the
-    splits unrolled, so that their loads are in flight together)."""
+def _slice_partials(part_ptr, start, m, m_ok, rows, slot, r, r_ok, i, slice_rank, stride_ps, stride_pm,
+                    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, FULL_R: tl.constexpr,
+                    BY_ROW: tl.constexpr):
+    """Slice i's rank columns of the chunk's x A^T, [BLOCK_M, BLOCK_R] fp32: the sum of the shrink's
+    split-K partials (the splits unrolled, so that their loads are in flight together), or with BY_ROW
+    the token rows of a [tokens, slots x R] product (the base GEMM's extra columns), at the slot's columns."""
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     mask = m_ok[:, None] if FULL_R else m_ok[:, None] & r_ok[None, :]
-    for sk in tl.static_range(SPLITS):
-        t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
-                     mask=mask, other=0.0)
+    if BY_ROW:
+        t += tl.load(part_ptr + slot * stride_ps + rows[:, None] * stride_pm + i * slice_rank + r[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+    else:
+        for sk in tl.static_range(SPLITS):
+            t += tl.load(part_ptr + sk * stride_ps + (start + m)[:, None] * stride_pm + i * slice_rank + r[None, :],
+                         mask=mask, other=0.0)
     return t
 
 
@@ -84,7 +90,7 @@ def _expand_kernel(
     N, slice_rank, off1, off2, tiles_per_program,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_ym, stride_gs,
     HAS_RESCALE: tl.constexpr, SPLITS: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, FULL_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, FULL_R: tl.constexpr, BY_ROW: tl.constexpr,
 ):
     # FULL_R: the slice rank fills BLOCK_R, so no mask runs along the rank (contiguous) axis and the
     # partials' and B's rows load as whole vectors rather than element by element.
@@ -101,14 +107,14 @@ def _expand_kernel(
     r = tl.arange(0, BLOCK_R)  # rank columns of one slice
     r_ok = r < slice_rank
     # The chunk's rank vectors, once for all of the program's tiles (a slice's t is zero-cost when unused).
-    t0 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 0, slice_rank, stride_ps, stride_pm,
-                         SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+    t0 = _slice_partials(part_ptr, start, m, m_ok, rows, slot, r, r_ok, 0, slice_rank, stride_ps,
+                         stride_pm, SPLITS, BLOCK_M, BLOCK_R, FULL_R, BY_ROW)
     if NUM_SLICES > 1:
-        t1 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 1, slice_rank, stride_ps, stride_pm,
-                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+        t1 = _slice_partials(part_ptr, start, m, m_ok, rows, slot, r, r_ok, 1, slice_rank, stride_ps,
+                             stride_pm, SPLITS, BLOCK_M, BLOCK_R, FULL_R, BY_ROW)
     if NUM_SLICES > 2:
-        t2 = _slice_partials(part_ptr, start, m, m_ok, r, r_ok, 2, slice_rank, stride_ps, stride_pm,
-                             SPLITS, BLOCK_M, BLOCK_R, FULL_R)
+        t2 = _slice_partials(part_ptr, start, m, m_ok, rows, slot, r, r_ok, 2, slice_rank, stride_ps,
+                             stride_pm, SPLITS, BLOCK_M, BLOCK_R, FULL_R, BY_ROW)
     scale = tl.load(scale_ptr + slot)
     b_base = b_ptr + slot * stride_bs
     # A program walks `tiles_per_program` consecutive BLOCK_N tiles: the round trips above are paid
@@ -208,8 +214,16 @@ def lora_shrink_triton(x: torch.Tensor, seg: LoraSegments, a: torch.Tensor,
 def lora_expand_triton(y: torch.Tensor, part: torch.Tensor, seg: LoraSegments, b: torch.Tensor,
                        scaling: torch.Tensor, rescale: torch.Tensor | None = None,
                        slices: Sequence[int] | None = None) -> torch.Tensor:
-    """The expand alone, in place on y [N, N_out]: y += s * (sum of the shrink's partials) B^T (then * rescale)."""
+    """The expand alone, in place on y [N, N_out]: y += s * t B^T (then * rescale), t the chunk's x A^T from
+    `part`: the shrink's fp32 partials [splits, rows, BLOCK_R], or a 2-D [N, slots x R] product in x's
+    dtype whose row i, columns slot x R .. (slot + 1) x R, hold token i's x A[slot]^T (lora_expand_ref)."""
     n_out, r = y.shape[1], b.shape[2]
+    by_row = part.dim() == 2
+    if by_row:
+        assert part.shape[0] == y.shape[0] and part.shape[1] % r == 0 and part.stride(1) == 1
+        stride_ps, stride_pm, splits = r, part.stride(0), 1  # slot stride, token-row stride
+    else:
+        stride_ps, stride_pm, splits = part.stride(0), part.stride(1), part.shape[0]
     assert y.stride(1) == 1 and b.stride(2) == 1 and b.dtype == y.dtype
     assert scaling.dtype == torch.float32 and (rescale is None or rescale.dtype == torch.float32)
     slice_rank, off1, off2 = _slice_bounds(n_out, r, slices)
@@ -218,11 +232,11 @@ def lora_expand_triton(y: torch.Tensor, part: torch.Tensor, seg: LoraSegments, b
     _expand_kernel[(seg.num_chunks, triton.cdiv(n_out, block_n * per_program))](
         part, b, y, scaling, g, seg.rows, seg.chunk_slot, seg.chunk_start, seg.chunk_len,
         n_out, slice_rank, off1, off2, per_program,
-        part.stride(0), part.stride(1), b.stride(0), b.stride(1), y.stride(0), g.stride(0),
-        HAS_RESCALE=rescale is not None, SPLITS=part.shape[0], NUM_SLICES=len(slices) if slices else 1,
+        stride_ps, stride_pm, b.stride(0), b.stride(1), y.stride(0), g.stride(0),
+        HAS_RESCALE=rescale is not None, SPLITS=splits, NUM_SLICES=len(slices) if slices else 1,
         BLOCK_M=seg.block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(slice_rank)),
         PREC=dot_precision(y.dtype), FULL_R=slice_rank == max(16, triton.next_power_of_2(slice_rank)),
-        num_warps=warps,
+        BY_ROW=by_row, num_warps=warps,
     )
     return y
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.lora_batched import (StaticSegments, add_lora, build_segments, chunk_buckets, chunk_capacity,
-                                        SMALL_BLOCK_M, lora_batched_ref)
+from engine.kernels.lora_batched import (StaticSegments, add_lora, add_lora_expand, build_segments, chunk_buckets,
+                                        chunk_capacity, SMALL_BLOCK_M, lora_batched_ref, lora_expand_ref)
 from engine.kernels.testing import assert_close_rel, require_backend
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -87,6 +87,53 @@ def test_dispatcher_uses_reference_on_cpu():
     slots, x, y, a, b, scaling, _ = make_case(9, 32, 24, 3, 4, torch.float32, "cpu")
     out = add_lora(y.clone(), x, build_segments(slots), a, b, scaling)
     assert_close_rel(out, per_token_float64(y, x, slots, a, b, scaling), 1e-5)
+
+
+def stacked_product(x, a):
+    """What the base GEMM's extra rows give: every slot's x A^T side by side, [N, S x R] in x's dtype (NaN
+    columns for the unused slots, whose A is NaN)."""
+    return (x.float() @ a.reshape(-1, a.shape[-1]).float().T).to(x.dtype)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_expand_reference_from_the_stacked_product(dora):
+    slices = (0, 24, 32)
+    slots, x, y, a, b, scaling, rescale = make_case(29, 40, 40, 5, 12, torch.float32, "cpu", [0, 3, 4], dora, slices)
+    out = lora_expand_ref(y.clone(), stacked_product(x, a), build_segments(slots), b, scaling, rescale, slices)
+    assert not out.isnan().any(), "another slot's (NaN) columns were read"
+    assert_close_rel(out, per_token_float64(y, x, slots, a, b, scaling, rescale, slices), 1e-5)
+    assert torch.equal(add_lora_expand(y.clone(), stacked_product(x, a), build_segments(slots), b, scaling, rescale,
+                                       slices), out)
+
+
+def _check_triton_stacked(device, dtype, n, k, n_out, num_slots, r, used, dora, slices=None, static=False):
+    """The expand reading each token's slot columns of the stacked product (a strided view of one GEMM's
+    output, as the serving layer passes it) against the reference and the float64 definition."""
+    from engine.kernels.lora_batched_triton import lora_expand_triton
+
+    slots, x, y, a, b, scaling, rescale = make_case(n, k, n_out, num_slots, r, dtype, device, used, dora, slices)
+    out = torch.cat([y, stacked_product(x, a)], dim=1)  # [N, N_out + S x R], like F.linear on the stacked rows
+    y_view, t_view = out[:, :n_out], out[:, n_out:]
+    if static:
+        segments = StaticSegments(n, num_slots, torch.device(device))
+        segments.fill(slots, n)
+        seg = segments.view(n)
+    else:
+        seg = build_segments(slots, device)
+    base = [i for i, s in enumerate(slots) if s < 0]
+    lora_expand_triton(y_view, t_view, seg, b, scaling, rescale, slices)
+    assert torch.equal(y_view[base], y[base]), "base-model rows were modified"
+    assert_close_rel(y_view.float(), per_token_float64(y, x, slots, a, b, scaling, rescale, slices).float(), TOL[dtype])
+    ref = lora_expand_ref(y.clone(), stacked_product(x, a), build_segments(slots), b, scaling, rescale, slices)
+    assert_close_rel(y_view.float(), ref.float(), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dora", [False, True])
+def test_triton_cpu_expand_from_the_stacked_product(dtype, dora):
+    require_backend("cpu")
+    _check_triton_stacked("cpu", dtype, 23, 64, 136, 6, 12, [0, 1, 4], dora, slices=(0, 72, 104))
+    _check_triton_stacked("cpu", dtype, 19, 32, 40, 4, 16, [1, 3], dora, static=True)
 
 
 def _check_triton(device, dtype, n, k, n_out, num_slots, r, used, dora, block_m=None, slices=None):
@@ -219,6 +266,15 @@ def test_triton_gpu_packed_shapes(n, num_used):
 def test_triton_gpu_real_shapes(dtype, n, num_used, k, n_out):
     require_backend("cuda")
     _check_triton("cuda", dtype, n, k, n_out, 33, 16, list(range(num_used)), False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,num_used", [(64, 1), (64, 32), (512, 8)])
+def test_triton_gpu_expand_from_the_stacked_product(n, num_used):
+    require_backend("cuda")
+    _check_triton_stacked("cuda", torch.bfloat16, n, 2048, 3072, 33, 48, list(range(num_used)), False,
+                          slices=(0, 2048, 2560))
+    _check_triton_stacked("cuda", torch.bfloat16, n, 8192, 2048, 33, 16, list(range(num_used)), True, static=True)
 
 
 @pytest.mark.gpu
