@@ -4,8 +4,8 @@
 runs that loop in the background for asyncio servers (see engine/async_engine.py).
 
 A step is launched (model and sampler queued on the device) and then landed (its tokens read, the
-scheduler updated, outputs built). With overlapped decode (engine/overlap.py, opt-in:
-EMBER_OVERLAP_DECODE=1) the decode step after it may be launched in between, so the GPU computes the
+scheduler updated, outputs built). With overlapped decode (engine/overlap.py, on by
+default on CUDA) the decode step after it may be launched in between, so the GPU computes the
 next step while the host lands this one; the next `step()` call lands that step.
 """
 from __future__ import annotations
