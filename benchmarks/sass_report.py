@@ -60,10 +60,11 @@ def _cases():
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
                                              HAS_BIAS=False, PREFETCH=2, X_PERMUTED=permuted), warps, 3, bn * 64)
 
-    def mma4(bm, bn, warps, stages=3, w_is_a=False, group=128, raw=False):  # a step: bn * group / 2 bytes
+    def mma4(bm, bn, warps, stages=3, w_is_a=False, group=128, raw=False, sums=False):  # a step: bn * group / 2 B
         return (_int4_mma_kernel, PTRS, dict(GROUP=group, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
                                              HAS_BIAS=False, W_IS_A=w_is_a, ASM=group == 128, SKIND=0,
-                                             EMULATE=False, RAW=raw, ZP=136.0), warps, stages, bn * group // 2)
+                                             EMULATE=False, RAW=raw, ZP=136.0, SUMS_ASM=sums), warps, stages,
+                bn * group // 2)
 
     def dot8(bm, bn, warps, bk=128):
         return (_int8_dot_kernel, dict(PTRS, w_ptr="*i8"), dict(PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -117,6 +118,10 @@ def _cases():
         "int4_mma_m16_n128_w4_g64": mma4(16, 128, 4, group=64), "int4_mma_m16_n128_w4_g32": mma4(16, 128, 4, group=32),
         "int4_mma_rs_m16_n128_w4": mma4(16, 128, 4, raw=True), "int4_mma_rs_m16_n256_w4": mma4(16, 256, 4, raw=True),
         "int4_mma_rs_m16_n64_w4": mma4(16, 64, 4, raw=True),
+        "int4_mma_rsk_m16_n128_w4": mma4(16, 128, 4, raw=True, sums=True),
+        "int4_mma_rsk_m16_n256_w4": mma4(16, 256, 4, raw=True, sums=True),
+        "int4_mma_rsk_m16_n64_w4": mma4(16, 64, 4, raw=True, sums=True),
+        "int4_mma_rsk_m32_n128_w4": mma4(32, 128, 4, raw=True, sums=True),
         "int4_mma_rs_a_m16_n128_w4": mma4(16, 128, 4, True, raw=True),
         "int4_mma_rs_a_m64_n128_w4": mma4(64, 128, 4, True, raw=True),
         "int4_mma_rs_m16_n128_w4_g64": mma4(16, 128, 4, group=64, raw=True),
