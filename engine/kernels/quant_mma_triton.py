@@ -87,12 +87,12 @@ UNPACK32_FP16_RAW = tl.constexpr(_unpack32_asm(*_PTX_TYPES[torch.float16], raw=T
 
 
 def _row_sums_asm(ptx_type: str, one: str) -> str:
-    """PTX: fp32 sums of the 128 activations at $2 (a row r) and $3 (row r + 8) -> $0, $1.
+    """PTX: fp32 sums of the 128 activations at $2 and at $3 (a thread's two accumulator rows) -> $0, $1.
 
-    The four lanes of a quad (which share both rows in the accumulator layout) take 32 columns
-    each. mma.sync m16n8k16 with B = 1 sums each A row over the quad in fp32 (exact products):
-    with a loaded 16-byte vector as the whole A fragment, result rows q and q + 8 together hold
-    the quad's sum of those 32 bytes; four such steps per row, then one add.
+    The four lanes of a quad share both rows in the accumulator layout; each takes 32 columns.
+    mma.sync m16n8k16 with B = 1 sums each A row over the quad in fp32 (exact products): with one
+    loaded 16-byte vector as the whole A fragment, result rows q and q + 8 together hold the sum
+    of the quad's 32 values; four such steps a row, then one add.
     """
     lines = ["{ .reg .b32 q, one; .reg .f32 d<4>, e<4>; .reg .b64 o, p, r; .reg .b32 a<16>, b<16>;",
              "mov.u32 q, %laneid; and.b32 q, q, 3; mul.wide.u32 o, q, 64;",
