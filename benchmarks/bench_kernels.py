@@ -217,14 +217,6 @@ def quant_candidates(bits: int, m: int) -> list:
                     T(16, 64, 4, 6, waves=8, **mma), T(16, 128, 4, 3, waves=2, **mma),
                     T(16, 128, 4, 3, w_is_a=True, **mma), T(16, 64, 4, 4, w_is_a=True, **mma),
                     T(16, 256, 4, 3, **mma)]
-            # row_sums: offset-binary planes, zero point out through row sums of x, from a pre-pass
-            # launch (1: 4.56 a byte at 16 x 128, 4.11 at 16 x 256) or in the kernel (2: 5.08 / 4.43);
-            # W as B only (as A it loses wgmma).
-            for rs in (dict(kernel="mma", row_sums=1), dict(kernel="mma", row_sums=2)):
-                out += [] if m == 1 else [T(16, 128, 4, 3, waves=2, **rs), T(16, 128, 4, 4, **rs),
-                                          T(16, 128, 4, 3, **rs), T(16, 256, 4, 3, **rs),
-                                          T(16, 256, 4, 4, waves=2, **rs), T(16, 64, 4, 4, **rs),
-                                          T(16, 64, 4, 6, waves=8, **rs)]
         else:
             out += [T(16, 64, 4, 4), T(16, 128, 8, 4), T(16, 64, 4, 4, block_k=256)]
             if m > 4:
@@ -347,7 +339,7 @@ def _sweep_case(x, copies_, bits, m, repeats, candidates, deadline, matmul, repl
         c = best["config"]
         print(f"      sweep int{bits} M={m}: {len(ok)} configs, best {c['kernel']} {c['block_m']}x{c['block_n']} "
               f"w{c['num_warps']} s{c['num_stages']} pf{c['prefetch']} bk{c['block_k']} waves{c['waves']} "
-              f"{'A ' if c.get('w_is_a') else ''}{'rs%d ' % c['row_sums'] if c.get('row_sums') else ''}"
+              f"{'A ' if c.get('w_is_a') else ''}"
               f"split{c['split_k']} {best['ms'] * 1e3:.1f} us")
     return out
 

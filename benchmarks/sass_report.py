@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 PTRS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32",
-            lock_ptr="*i32", rs_ptr="*fp32")
+            lock_ptr="*i32")
 # Integer arguments the launcher passes as multiples of 16 (Triton specializes on that).
 DIV16 = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr",
          "block_tables_ptr", "part_out_ptr", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om",
@@ -60,11 +60,10 @@ def _cases():
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
                                              HAS_BIAS=False, PREFETCH=2, X_PERMUTED=permuted), warps, 3, bn * 64)
 
-    def mma4(bm, bn, warps, stages=3, w_is_a=False, group=128, raw=False, sums=False):  # a step: bn * group / 2 B
+    def mma4(bm, bn, warps, stages=3, w_is_a=False, group=128):  # one group a step: bn * group / 2 bytes
         return (_int4_mma_kernel, PTRS, dict(GROUP=group, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
                                              HAS_BIAS=False, W_IS_A=w_is_a, ASM=group == 128, SKIND=0,
-                                             EMULATE=False, RAW=raw, ZP=136.0, SUMS_ASM=sums), warps, stages,
-                bn * group // 2)
+                                             EMULATE=False), warps, stages, bn * group // 2)
 
     def dot8(bm, bn, warps, bk=128):
         return (_int8_dot_kernel, dict(PTRS, w_ptr="*i8"), dict(PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -116,15 +115,6 @@ def _cases():
         "int4_mma_a_m64_n128_w8": mma4(64, 128, 8, w_is_a=True), "int4_mma_a_m64_n64_w4": mma4(64, 64, 4, w_is_a=True),
         "int4_mma_a_m64_n256_w8": mma4(64, 256, 8, w_is_a=True),
         "int4_mma_m16_n128_w4_g64": mma4(16, 128, 4, group=64), "int4_mma_m16_n128_w4_g32": mma4(16, 128, 4, group=32),
-        "int4_mma_rs_m16_n128_w4": mma4(16, 128, 4, raw=True), "int4_mma_rs_m16_n256_w4": mma4(16, 256, 4, raw=True),
-        "int4_mma_rs_m16_n64_w4": mma4(16, 64, 4, raw=True),
-        "int4_mma_rsk_m16_n128_w4": mma4(16, 128, 4, raw=True, sums=True),
-        "int4_mma_rsk_m16_n256_w4": mma4(16, 256, 4, raw=True, sums=True),
-        "int4_mma_rsk_m16_n64_w4": mma4(16, 64, 4, raw=True, sums=True),
-        "int4_mma_rsk_m32_n128_w4": mma4(32, 128, 4, raw=True, sums=True),
-        "int4_mma_rs_a_m16_n128_w4": mma4(16, 128, 4, True, raw=True),
-        "int4_mma_rs_a_m64_n128_w4": mma4(64, 128, 4, True, raw=True),
-        "int4_mma_rs_m16_n128_w4_g64": mma4(16, 128, 4, group=64, raw=True),
         "int8_dot_m16_n64_w4": dot8(16, 64, 4), "int8_dot_m16_n128_w8": dot8(16, 128, 8),
         "decode_n64_w4_s3": decode(64, 4, 3), "decode_n128_w8_s2": decode(128, 8, 2),
     }

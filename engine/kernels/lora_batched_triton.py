@@ -143,16 +143,11 @@ def _expand_kernel(
             acc = tl.dot(t.to(bt.dtype), tl.trans(bt), acc, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        if HAS_RESCALE:  # DoRA: (y + update) * g needs y itself
-            out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale
+        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale
+        if HAS_RESCALE:
             g = tl.load(rescale_ptr + slot * stride_gs + n, mask=n_ok, other=1.0)
             out = out * g[None, :]
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            # A reduction in memory, fire and forget: no load of y to wait for, and the tile stays in
-            # the dot's register layout (a load and store of y would each cross shared memory to
-            # change layout). Each element has one writer, so the result does not depend on order.
-            tl.atomic_add(y_ptrs, (acc * scale).to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k(k: int, num_chunks: int, sms: int) -> tuple[int, int]:

@@ -29,15 +29,6 @@ TB/s at M = 4-16. Here the loaded tile keeps its shape up to the matrix unit:
   then per plane pair one shift and one LOP3 make the fp16x2 / bf16x2 pair MAGIC + c (MAGIC =
   1024 / 128, the value whose mantissa's last bit is worth 1) and one exact FMA subtracts
   MAGIC + 8. Elsewhere (interpreter, fp32, G < 128) the same arithmetic in Triton operations.
-- Zero point through row sums (RAW, TileConfig.row_sums 1 or 2): the planes stay MAGIC + c (no
-  FMA, a third of the unpacking), so each group's dots add ZP = MAGIC + 8 times the group's row
-  sums of x to every column; each group's fp32 partial starts at -ZP x those sums instead of zero
-  (the first HMMA's C operand: a few moves a group, not an operation per element). The sums come
-  from the launcher (row_sums 1: [M, groups] fp32, one small reduction a call) or, with 2 (G = 128,
-  fp16 / bf16, W as B, on the GPU), from the kernel one group ahead: each quad of lanes reads its
-  two accumulator rows of x (16-byte loads) and mma.sync against ones adds them up in fp32 (8
-  HMMA a group). Exact products; the fp32 sums carry a ZP / |c - 8| ~ 30x (bf16) / 220x (fp16)
-  larger magnitude, still ~1e-5 relative.
 - Orientation: W is tl.dot's B operand (mma.sync, out = x W^T) or, with W_IS_A, the A operand
   (out^T = W x^T; Hopper's wgmma reads A from registers, BLOCK_N must be >= 16 x num_warps).
 - Split-K and its one-launch reduction are shared with the other kernels (quant_split_triton.py).
@@ -62,11 +53,8 @@ _PTX_TYPES = {torch.bfloat16: ("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2
               torch.float16: ("0x64006400", "0x3C003C00", "0xE408E408", "f16x2")}
 
 
-def _unpack32_asm(magic: str, one: str, off: str, ptx_type: str, raw: bool = False) -> str:
-    """PTX: two words ($8, $9) -> eight registers, plane d's (word 0, word 1) pair in $d.
-
-    raw: leave MAGIC + c (no FMA); the caller removes (MAGIC + 8) x the row sums of x instead.
-    """
+def _unpack32_asm(magic: str, one: str, off: str, ptx_type: str) -> str:
+    """PTX: two words ($8, $9) -> eight registers, plane d's (word 0, word 1) pair in $d."""
     lines = ["prmt.b32 a, $8, $9, 0x5410;", "prmt.b32 b, $8, $9, 0x7632;"]  # low halves, high halves
     for h, src in enumerate("ab"):
         for d in range(4):
@@ -74,108 +62,55 @@ def _unpack32_asm(magic: str, one: str, off: str, ptx_type: str, raw: bool = Fal
             if d:
                 lines.append(f"shr.b32 t, {src}, {4 * d};")
             lines.append(f"lop3.b32 ${o}, {'t' if d else src}, 0x000F000F, mg, 0xEA;")  # (v & mask) | mg
-            if not raw:
-                lines.append(f"fma.rn.{ptx_type} ${o}, ${o}, one, off;")  # MAGIC + c - (MAGIC + 8), exact
+            lines.append(f"fma.rn.{ptx_type} ${o}, ${o}, one, off;")  # MAGIC + c - (MAGIC + 8), exact
     head = f"{{ .reg .b32 a, b, t, mg, one, off; mov.b32 mg, {magic}; mov.b32 one, {one}; mov.b32 off, {off};"
     return "\n".join([head] + lines + ["}"])
 
 
 UNPACK32_BF16 = tl.constexpr(_unpack32_asm(*_PTX_TYPES[torch.bfloat16]))
 UNPACK32_FP16 = tl.constexpr(_unpack32_asm(*_PTX_TYPES[torch.float16]))
-UNPACK32_BF16_RAW = tl.constexpr(_unpack32_asm(*_PTX_TYPES[torch.bfloat16], raw=True))
-UNPACK32_FP16_RAW = tl.constexpr(_unpack32_asm(*_PTX_TYPES[torch.float16], raw=True))
-
-
-def _row_sums_asm(ptx_type: str, one: str) -> str:
-    """PTX: fp32 sums of the 128 activations at $2 and at $3 (a thread's two accumulator rows) -> $0, $1.
-
-    The four lanes of a quad share both rows in the accumulator layout; each takes 32 columns.
-    mma.sync m16n8k16 with B = 1 sums each A row over the quad in fp32 (exact products): with one
-    loaded 16-byte vector as the whole A fragment, result rows q and q + 8 together hold the sum
-    of the quad's 32 values; four such steps a row, then one add.
-    """
-    lines = ["{ .reg .b32 q, one; .reg .f32 d<4>, e<4>; .reg .b64 o, p, r; .reg .b32 a<16>, b<16>;",
-             "mov.u32 q, %laneid; and.b32 q, q, 3; mul.wide.u32 o, q, 64;",
-             "add.s64 p, $2, o; add.s64 r, $3, o;",
-             f"mov.b32 one, {one};"]
-    for i in range(4):
-        lines.append(f"ld.global.nc.v4.b32 {{a{4 * i}, a{4 * i + 1}, a{4 * i + 2}, a{4 * i + 3}}}, [p + {16 * i}];")
-        lines.append(f"ld.global.nc.v4.b32 {{b{4 * i}, b{4 * i + 1}, b{4 * i + 2}, b{4 * i + 3}}}, [r + {16 * i}];")
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32"
-    for acc, src in (("d", "a"), ("e", "b")):
-        for i in range(4):
-            c = "{0f00000000, 0f00000000, 0f00000000, 0f00000000}" if i == 0 else f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
-            lines.append(f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, "
-                         f"{{{src}{4 * i}, {src}{4 * i + 1}, {src}{4 * i + 2}, {src}{4 * i + 3}}}, {{one, one}}, {c};")
-    lines += ["add.f32 $0, d0, d2;", "add.f32 $1, e0, e2;"]
-    return "\n".join(lines + ["}"])
-
-
-ROW_SUMS_BF16 = tl.constexpr(_row_sums_asm("bf16", "0x3F803F80"))
-ROW_SUMS_FP16 = tl.constexpr(_row_sums_asm("f16", "0x3C003C00"))
-# What a raw plane adds to c - 8 per activation dtype: MAGIC + 8 (the tile holds MAGIC + c).
-ZERO_POINT = {torch.bfloat16: 136.0, torch.float16: 1032.0, torch.float32: 8.0}
 SCALE_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 @triton.jit
-def _plane(t, D: tl.constexpr, dtype: tl.constexpr, RAW: tl.constexpr):
-    """Plane D of an element tile as `dtype` values c - 8, or with RAW MAGIC + c (Triton operations)."""
+def _plane(t, D: tl.constexpr, dtype: tl.constexpr):
+    """Plane D of an element tile as `dtype` values c - 8 (Triton operations)."""
     c = (t >> (4 * D)) & 15
     if dtype == tl.bfloat16:
-        v = (c.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        return v if RAW else v - 136.0
+        return (c.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
     elif dtype == tl.float16:
-        v = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        return v if RAW else v - 1032.0
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
     else:
-        return c.to(dtype) if RAW else c.to(dtype) - 8.0
+        return c.to(dtype) - 8.0
 
 
 @triton.jit
-def _planes(t, P: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr):
-    """The P planes of an element tile, a tuple of tiles of `dtype` values c - 8 (RAW: MAGIC + c)."""
+def _planes(t, P: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
+    """The P planes of an element tile, a tuple of tiles of `dtype` values c - 8."""
     if ASM:
         if dtype == tl.bfloat16:
-            return tl.inline_asm_elementwise(UNPACK32_BF16_RAW if RAW else UNPACK32_BF16,
-                                             "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [t],
+            return tl.inline_asm_elementwise(UNPACK32_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [t],
                                              dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(UNPACK32_FP16_RAW if RAW else UNPACK32_FP16,
-                                             "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [t],
+            return tl.inline_asm_elementwise(UNPACK32_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [t],
                                              dtype=(tl.float16,) * 8, is_pure=True, pack=2)
     elif P == 8:
-        return (_plane(t, 0, dtype, RAW), _plane(t, 1, dtype, RAW), _plane(t, 2, dtype, RAW),
-                _plane(t, 3, dtype, RAW), _plane(t, 4, dtype, RAW), _plane(t, 5, dtype, RAW),
-                _plane(t, 6, dtype, RAW), _plane(t, 7, dtype, RAW))
+        return (_plane(t, 0, dtype), _plane(t, 1, dtype), _plane(t, 2, dtype), _plane(t, 3, dtype),
+                _plane(t, 4, dtype), _plane(t, 5, dtype), _plane(t, 6, dtype), _plane(t, 7, dtype))
     elif P == 4:
-        return (_plane(t, 0, dtype, RAW), _plane(t, 1, dtype, RAW), _plane(t, 2, dtype, RAW),
-                _plane(t, 3, dtype, RAW))
+        return (_plane(t, 0, dtype), _plane(t, 1, dtype), _plane(t, 2, dtype), _plane(t, 3, dtype))
     else:
-        return (_plane(t, 0, dtype, RAW), _plane(t, 1, dtype, RAW))
-
-
-@triton.jit
-def _row_sums(rs_ptrs, xrow_ptrs, g, GROUP: tl.constexpr, SUMS_ASM: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 row sums of x over group g for the rows of the accumulator ([BLOCK_M] vectors in)."""
-    if SUMS_ASM:  # G = 128, fp16 / bf16, W as B: rows in quads of lanes, as mma.sync lays them out
-        p = (xrow_ptrs + g * GROUP).to(tl.int64, bitcast=True)
-        if xrow_ptrs.dtype.element_ty == tl.bfloat16:
-            return tl.inline_asm_elementwise(ROW_SUMS_BF16, "=f,=f,l,l", [p], dtype=tl.float32, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(ROW_SUMS_FP16, "=f,=f,l,l", [p], dtype=tl.float32, is_pure=True, pack=2)
-    else:
-        return _load_scales(rs_ptrs + g, 2, EMULATE)
+        return (_plane(t, 0, dtype), _plane(t, 1, dtype))
 
 
 @triton.jit
 def _int4_mma_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr, rs_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr, SKIND: tl.constexpr,
-    EMULATE: tl.constexpr, RAW: tl.constexpr = False, ZP: tl.constexpr = 136.0, SUMS_ASM: tl.constexpr = False,
+    EMULATE: tl.constexpr,
 ):
     P: tl.constexpr = GROUP // _PLANE_K  # nibble planes an element holds
     EW: tl.constexpr = 128 // GROUP  # elements a 32-bit word holds
@@ -197,11 +132,6 @@ def _int4_mma_kernel(
     w_ptrs = w_base + rows[:, None] * (stride_wn * EW) + e[None, :]  # [BLOCK_N, 16] elements of group 0
     x_ptrs = x_ptr + m.to(tl.int64)[:, None] * stride_xm + e[None, :]  # [BLOCK_M, 16] columns of plane 0
     s_ptrs = s_ptr + rows * stride_sn
-    # RAW: the row sums of x per group, from rs [M, groups] fp32 (a launcher pre-pass) or, with
-    # SUMS_ASM, computed here one group ahead; rows past M read row M - 1.
-    m_row = tl.minimum(m, M - 1).to(tl.int64)
-    rs_ptrs = rs_ptr + m_row * groups
-    xrow_ptrs = x_ptr + m_row * stride_xm
     first = pid_k * groups_per_split
     last = tl.minimum(first + groups_per_split, groups)
     if W_IS_A:
@@ -209,26 +139,13 @@ def _int4_mma_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     s_next = _load_scales(s_ptrs + first, SKIND, EMULATE)
-    if RAW:
-        z_next = _row_sums(rs_ptrs, xrow_ptrs, first, GROUP, SUMS_ASM, EMULATE) * (-ZP)
     for g in range(first, last):
         sv = s_next
         s_next = _load_scales(s_ptrs + tl.minimum(g + 1, last - 1), SKIND, EMULATE)
-        if RAW:  # the same one-group-ahead ring as the scales
-            zr = z_next
-            z_next = _row_sums(rs_ptrs, xrow_ptrs, tl.minimum(g + 1, last - 1), GROUP, SUMS_ASM, EMULATE) * (-ZP)
         t = tl.load(w_ptrs + g * _PLANE_K)  # [BLOCK_N, 16] packed elements, staged by the pipeliner
         xg = x_ptrs + g * GROUP
-        planes = _planes(t, P, x_ptr.dtype.element_ty, ASM, RAW)
-        if RAW:
-            # The dots below add ZP x (row sum of x) to every column: start the group's partial
-            # at minus that, so the exact c - 8 sums come out with no per-element work.
-            if W_IS_A:
-                part = tl.zeros_like(acc) + zr[None, :]
-            else:
-                part = tl.zeros_like(acc) + zr[:, None]
-        else:
-            part = tl.zeros_like(acc)
+        planes = _planes(t, P, x_ptr.dtype.element_ty, ASM)
+        part = tl.zeros_like(acc)
         for d in tl.static_range(P):
             xd = tl.load(xg + d * _PLANE_K, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, 16]
             if W_IS_A:
@@ -276,19 +193,11 @@ def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: 
     part = torch.empty(split, m, n_out, device=x2.device, dtype=torch.float32) if split > 1 else out
     locks = split_locks(x2.device, tiles) if split > 1 else words
     asm = not INTERPRET and group == 128 and x2.dtype in _PTX_TYPES
-    mode = int(getattr(cfg, "row_sums", 0))
-    raw = mode > 0
-    # In-kernel sums (mode 2) read 16-byte vectors of x rows in the accumulator's row layout.
-    sums_asm = (mode == 2 and asm and not cfg.w_is_a and x2.stride(1) == 1 and x2.stride(0) % 8 == 0
-                and x2.data_ptr() % 16 == 0)
-    # Else row sums of x per group once a call (any order inside a group: the gather stays in groups).
-    rs = x2.reshape(m, k // group, group).sum(-1, dtype=torch.float32) if raw and not sums_asm else out
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _int4_mma_kernel[grid](
-        x2, words, scales, bias if bias is not None else out, out, part, locks, rs,
+        x2, words, scales, bias if bias is not None else out, out, part, locks,
         m, n_out, k // group, per_split, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, PREC=dot_precision(x2.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, W_IS_A=cfg.w_is_a, ASM=asm, SKIND=SCALE_KIND[scales.dtype],
-        EMULATE=INTERPRET, RAW=raw, ZP=ZERO_POINT[x2.dtype], SUMS_ASM=sums_asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EMULATE=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

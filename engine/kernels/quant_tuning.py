@@ -31,10 +31,7 @@ class TileConfig:
     split_k: K slices per output tile (None: enough programs for `waves` per SM, each slice at
     least `min_steps` steps long). prefetch: 2 keeps a two-step register ring of weights and
     scales, 0 loads each step where it is used. block_k: int8 columns per step. w_is_a ("mma"):
-    W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B. row_sums
-    ("mma"): 0, or the codes enter the dot as MAGIC + c (no per-element subtraction) and the zero
-    point leaves the fp32 partials through per-group row sums of x, summed by one small reduction a
-    call (1) or inside the kernel (2; G = 128, fp16 / bf16, W as B, else as 1).
+    W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B.
     """
 
     block_m: int
@@ -48,7 +45,6 @@ class TileConfig:
     waves: int = 4
     min_steps: int = 2
     w_is_a: bool = False
-    row_sums: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,10 +10,10 @@ from engine.kernels.testing import assert_close_rel, require_backend
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _cfg(block_m, block_n, split=None, w_is_a=False, warps=4, stages=2, waves=4, row_sums=0):
+def _cfg(block_m, block_n, split=None, w_is_a=False, warps=4, stages=2, waves=4):
     from engine.kernels.quant_tuning import TileConfig
 
-    return TileConfig(block_m, block_n, warps, stages, split, "mma", waves=waves, w_is_a=w_is_a, row_sums=row_sums)
+    return TileConfig(block_m, block_n, warps, stages, split, "mma", waves=waves, w_is_a=w_is_a)
 
 
 def _case(device, dtype, m, n, k, group, bias, cfg, calls=1):
@@ -75,18 +75,6 @@ def test_mma_cpu_fp32_and_uneven_split():
     _case("cpu", torch.float16, 4, 48, 5 * 32, 32, False, _cfg(16, 32, 2, w_is_a=True))
 
 
-@pytest.mark.parametrize("m,group,split,w_is_a,dtype", [
-    (3, 128, 2, False, torch.float16), (16, 64, None, True, torch.float16), (5, 32, 3, False, torch.float32),
-    (33, 128, None, True, torch.float32),
-])
-def test_mma_row_sums_cpu(m, group, split, w_is_a, dtype):
-    """row_sums: offset-binary planes, the zero point removed through per-group row sums of x."""
-    require_backend("cpu")
-    block_m = 16 if m <= 16 else 64
-    cfg = _cfg(block_m, 64, split, w_is_a, row_sums=1 + m % 2)  # 2 runs as 1 off the GPU
-    _case("cpu", dtype, m, 72, 3 * group * 2, group, m % 2 == 1, cfg, calls=2)
-
-
 def test_mma_cpu_dispatch():
     """quant_matmul_triton routes an "mma" config to the kernel (3-d input, bias); int8 runs as "dot"."""
     require_backend("cpu")
@@ -124,9 +112,8 @@ def test_mma_gpu(m, n, k):
     (16, 64, 16, 128, 4, 3, None, False, torch.bfloat16), (16, 32, 16, 128, 4, 3, 2, True, torch.bfloat16),
     (7, 128, 16, 64, 4, 3, None, False, torch.float32), (5, 64, 16, 64, 4, 3, None, True, torch.float16),
 ])
-@pytest.mark.parametrize("row_sums", [0, 1, 2])
-def test_mma_variants_gpu(m, group, block_m, block_n, warps, stages, split, w_is_a, dtype, row_sums):
+def test_mma_variants_gpu(m, group, block_m, block_n, warps, stages, split, w_is_a, dtype):
     """The variants a sweep may select, at a real shape with a ragged N, twice (counters reset)."""
     require_backend("cuda")
-    cfg = _cfg(block_m, block_n, split, w_is_a, warps, stages, row_sums=row_sums)
+    cfg = _cfg(block_m, block_n, split, w_is_a, warps, stages)
     _case("cuda", dtype, m, 3000, 4096, group, m % 2 == 1, cfg, calls=2)
