@@ -157,14 +157,43 @@ def test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind, dev
     assert min(far) > 100 * TOL
 
 
+@pytest.mark.parametrize("device", ["cpu-fused", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_separate_shrink_kernel_matches_merged_checkpoints(base_model, lora_root, kind, device, monkeypatch):
+    """With the stacked shrink off, every step takes the path prefill steps over 512 tokens and quantized
+    bases take (a separate shrink, on a side stream on CUDA): the same parity with the merged checkpoints."""
+    monkeypatch.setenv("EMBER_LORA_STACKED", "0")
+    test_mixed_batch_matches_merged_checkpoints(base_model, lora_root, kind, device)
+
+
+def test_stacked_shrink_shares_the_base_weight(base_model, lora_root, monkeypatch):
+    """The base weight is a view of the stacked matrix's first rows and the slots' A the rest, so loading an
+    adapter writes its A where the GEMM reads it, and nothing is stored twice; EMBER_LORA_STACKED=0 keeps them apart."""
+    engine = make_engine(base_model, lora_root)
+    engine.adapters.load("x", "x")
+    engine.add_request("a", prompts(1, 5, seed=3)[0], SamplingParams(max_tokens=1, ignore_eos=True), lora="x")
+    engine.step()  # the step puts the adapter in a slot
+    layers = engine.adapters.layers
+    assert layers and all(layer.stacked is not None for layer in layers)
+    for layer in layers:
+        n = layer.out_features
+        assert layer.base_layer.weight.data_ptr() == layer.stacked.data_ptr()
+        assert layer.lora_a.data_ptr() == layer.stacked[n:].data_ptr()
+        assert torch.equal(layer.stacked[n:].view_as(layer.lora_a), layer.lora_a)
+    assert any(layer.lora_a.abs().sum() > 0 for layer in layers)
+    monkeypatch.setenv("EMBER_LORA_STACKED", "0")
+    assert all(layer.stacked is None for layer in make_engine(base_model, lora_root).adapters.layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_side_stream_shrink_gives_the_same_logits(base_model, lora_root, kind, monkeypatch):
-    """The shrink on a side stream (beside the base projection, in the decode graphs too) changes no bit."""
+    """The separate shrink on a side stream (beside the base projection, in the decode graphs too) changes no bit."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     first = "x" if kind == "lora" else "d"
     logits = {}
+    monkeypatch.setenv("EMBER_LORA_STACKED", "0")  # the side stream serves the separate shrink kernel only
     for overlap in (True, False):
         monkeypatch.setenv("EMBER_LORA_OVERLAP", "1" if overlap else "0")  # read before the graphs are captured
         engine = make_engine(base_model, lora_root, device="cuda", fused=True)
