@@ -324,7 +324,7 @@ class AdapterRegistry:
         token_slots: list[int] = []
         for key, n in zip(adapters, num_tokens):
             token_slots.extend([slot_of[key] if key is not None else -1] * n)
-        return LoraBatch(build_segments(token_slots, self.device), has_dora)
+        return LoraBatch(build_segments(token_slots, self.device), has_dora, max(slot_of.values()) + 1)
 
     def _assign_slots(self, adapters: Sequence[tuple | None]) -> tuple[dict[tuple, int], bool]:
         needed = {key for key in adapters if key is not None}
@@ -352,14 +352,19 @@ class AdapterRegistry:
     def graph_batch(self, batch_size: int, chunks: int | None = None) -> LoraBatch:
         """The LoraBatch a decode graph of `batch_size` rows and a grid of `chunks` chunks (default: the most
         that many rows can form) is captured with. The DoRA form is always used (LoRA slots have a factor
-        of 1), so one graph serves every mix of adapters."""
-        return LoraBatch(self._static.view(batch_size, chunks), has_dora=True)
+        of 1), so one graph serves every mix of adapters. A grid smaller than the largest also serves only
+        slots below its chunk count (the stacked shrink's slot limit; see prepare_graph_step)."""
+        largest = self.graph_chunk_sizes(batch_size)[-1]
+        limit = chunks if chunks is not None and chunks < min(largest, self.config.max_loras) else None
+        return LoraBatch(self._static.view(batch_size, chunks), has_dora=True, slot_limit=limit)
 
     def prepare_graph_step(self, adapters: Sequence[tuple | None], batch_size: int) -> int:
         """Make a decode step's adapters resident and write its grouping into the graphs' buffers; returns
-        the step's chunk count (the smallest captured grid holding it runs the step)."""
+        the chunk grid the step needs: at least its chunk count and its highest slot + 1 (graph_batch),
+        at most the largest grid (which serves every slot). The smallest captured grid holding it runs it."""
         slot_of, _ = self._assign_slots(adapters)
-        return self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
+        chunks = self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
+        return min(max(chunks, max(slot_of.values(), default=-1) + 1), self.graph_chunk_sizes(batch_size)[-1])
 
     def _make_resident(self, version: _Version, protected: set) -> None:
         slot = next((i for i, v in enumerate(self._slots) if v is None), None)

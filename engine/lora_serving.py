@@ -15,7 +15,8 @@ is the first rows of one [out + slots x R, in] matrix whose remaining rows are e
 GEMM gives W x and every slot's x A^T together, and the expand reads each token's own slot's columns
 (`add_lora_expand`). A step then launches one kernel for its adapters (the expand), not two, and
 the shrink costs the A rows' bytes inside a GEMM that streams at full speed (all slots' A are
-read, used or not: max_loras x ~10 MB a step on a 1B model at rank 16 on all projections). Steps
+read up to the highest slot the step uses: ~10 MB a slot on a 1B model at rank 16 on all
+projections; slots are filled lowest first). Steps
 of more than STACKED_MAX_TOKENS tokens (prefill) and quantized bases keep the separate shrink kernel,
 which computes only the slots in use: on CUDA it runs on a side stream while the base projection
 runs on the main one, and the expand joins them. EMBER_LORA_STACKED=0 turns the stacked shrink off,
@@ -38,10 +39,16 @@ from engine.lora import base_weight, is_linear
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """One step's adapter assignment: tokens grouped by slot, and whether any of those slots is DoRA."""
+    """One step's adapter assignment: tokens grouped by slot, and whether any of those slots is DoRA.
+
+    slot_limit: every token's slot is below it, so the stacked shrink reads only the A of slots
+    [0, slot_limit) (None: all slots). Slots are filled lowest first, so a few resident adapters
+    cost a few slots' bytes, not max_loras'.
+    """
 
     segments: LoraSegments
     has_dora: bool
+    slot_limit: int | None = None
 
 
 class LoraStepContext:
@@ -139,7 +146,10 @@ class ServingLoraLinear(nn.Module):
 
     def _stacked_forward(self, flat: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """One GEMM for W x and every slot's x A^T, then the expand on each token's own slot's columns."""
-        out = F.linear(flat, self.stacked)  # [N, out + slots x R]
+        stacked = self.stacked
+        if batch.slot_limit is not None:  # only the slots the step can use
+            stacked = stacked[:self.out_features + batch.slot_limit * self.lora_a.shape[1]]
+        out = F.linear(flat, stacked)  # [N, out + slots x R]
         y, t = out[:, :self.out_features], out[:, self.out_features:]
         # DoRA rescales W x + s B A x, not the bias: the bias (if any) comes after the expand either way.
         add_lora_expand(y, t, batch.segments, self.lora_b, self.scaling, self.rescale if batch.has_dora else None,

@@ -397,3 +397,35 @@ def test_decode_graph_batches_match_the_eager_grouping(base_model, lora_root):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (layer.slice_paths, c)
         assert torch.equal(want[[1, 4, 6, 7]], layer.base_layer(x)[[1, 4, 6, 7]])  # base and padding rows
     assert packed == 2 * base_model.config.num_hidden_layers
+
+
+def test_decode_graphs_cover_the_highest_slot_of_a_step(base_model, lora_root):
+    """A graph with a small chunk grid reads only the A of slots below its grid size (the stacked shrink's
+    slot limit), so a step whose adapter sits in a high slot must run in a grid that covers that slot."""
+    engine = make_engine(base_model, lora_root, max_loras=8, fused=True)
+    registry = engine.adapters
+    keys = []
+    for i in range(6):  # six versions of one adapter directory: slots 0..5 once all have run
+        registry.load(f"a{i}", "x")
+        keys.append((f"a{i}", registry._current[f"a{i}"].version))
+    registry.prepare_step(keys, [1] * 6)
+    assert [registry._current[f"a{i}"].slot for i in range(6)] == list(range(6))
+    registry.enable_graphs(8)
+    assert registry.graph_chunk_sizes(8) == [4, 8]
+    assert registry.graph_batch(8, 4).slot_limit == 4 and registry.graph_batch(8, 8).slot_limit is None
+    gen = torch.Generator().manual_seed(5)
+    for step, want_grid in (([keys[0], None, keys[0]], 4), ([keys[5], None, keys[5]], 8), ([keys[3]], 4)):
+        need = registry.prepare_graph_step(step, 8)
+        assert need == max(1, registry._current[step[0][0]].slot + 1)  # one chunk; the slot decides
+        bucket = next(c for c in registry.graph_chunk_sizes(8) if c >= need)
+        assert bucket == want_grid
+        eager = registry.prepare_step(step + [None] * (8 - len(step)), [1] * 8)
+        assert eager.slot_limit == registry._current[step[0][0]].slot + 1
+        for layer in registry.layers:
+            x = torch.randn(8, layer.in_features, generator=gen)
+            with registry.context.use(eager):
+                want = layer(x)
+            with registry.context.use(registry.graph_batch(8, bucket)):
+                got = layer(x)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (layer.slice_paths, bucket)
+            assert not torch.allclose(want[:1], layer.base_layer(x)[:1])  # the adapter changed the output
