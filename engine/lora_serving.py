@@ -12,15 +12,15 @@ the per-row factor m/||W + sBA|| is computed once per adapter when its slot is f
 
 The shrink (x A^T) of a small step rides on the base projection itself: a dense base layer's weight
 is the first rows of one [out + slots x R, in] matrix whose remaining rows are every slot's A, so one
-GEMM gives W x and every slot's x A^T together, and the expand reads each token's own slot's columns
+GEMM gives W x and the slots' x A^T together, and the expand reads each token's own slot's columns
 (`add_lora_expand`). A step then launches one kernel for its adapters (the expand), not two, and
-the shrink costs the A rows' bytes inside a GEMM that streams at full speed (all slots' A are
-read up to the highest slot the step uses: ~10 MB a slot on a 1B model at rank 16 on all
-projections; slots are filled lowest first). Steps
-of more than STACKED_MAX_TOKENS tokens (prefill) and quantized bases keep the separate shrink kernel,
-which computes only the slots in use: on CUDA it runs on a side stream while the base projection
-runs on the main one, and the expand joins them. EMBER_LORA_STACKED=0 turns the stacked shrink off,
-EMBER_LORA_OVERLAP=0 the side stream (both for comparison).
+the shrink costs the A rows' bytes inside a GEMM that streams at full speed. Slots fill lowest
+first and a step reads A only up to the highest slot it can use (`LoraBatch.slot_limit`; ~10 MB a
+slot on a 1B model at rank 16 on all projections). Steps of more than STACKED_MAX_TOKENS tokens
+(prefill) and quantized bases keep the separate shrink kernel, which computes only the slots in
+use: on CUDA it runs on a side stream while the base projection runs on the main one, and the
+expand joins them. EMBER_LORA_STACKED=0 turns the stacked shrink off, EMBER_LORA_OVERLAP=0 the
+side stream (both for comparison).
 """
 from __future__ import annotations
 
