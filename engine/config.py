@@ -6,6 +6,7 @@ and the `rope_parameters` dict that transformers 5 writes; it always writes both
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,17 @@ _SWITCH_ON = ("1", "true", "yes", "on")
 
 def env_switch(name: str) -> bool | None:
     """An on/off environment variable: True for 1/true/yes/on, False for 0/false/no/off (any case),
-    None when it is unset or says something else (the caller's default then applies)."""
+    None when it is unset or says something else (the caller's default then applies; a value that is
+    neither is logged, so a typo does not pass silently)."""
     value = os.environ.get(name, "").strip().lower()
-    return True if value in _SWITCH_ON else False if value in _SWITCH_OFF else None
+    if value in _SWITCH_ON:
+        return True
+    if value in _SWITCH_OFF:
+        return False
+    if value:
+        logging.getLogger(__name__).warning("%s=%r is not one of %s or %s: ignored", name, value,
+                                            "/".join(_SWITCH_ON), "/".join(_SWITCH_OFF))
+    return None
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.attention import FusedRopePagedAttention, KVCache, PagedAttention, PagedAttentionMetadata
-from engine.config import EngineConfig
+from engine.config import EngineConfig, env_switch
 from engine.kernels import _dispatch
 from engine.kernels.rope import build_cos_sin_cache
 from engine.model import Transformer
@@ -98,8 +97,8 @@ class ModelRunner:
     @property
     def enforce_eager(self) -> bool:
         """Eager decode (no CUDA graphs), for debugging: extra["enforce_eager"] or EMBER_ENFORCE_EAGER=1."""
-        env = os.environ.get("EMBER_ENFORCE_EAGER", "").strip().lower() not in ("", "0", "false", "no")
-        return env or bool(self.config.extra.get("enforce_eager", False))
+        env = env_switch("EMBER_ENFORCE_EAGER")
+        return bool(self.config.extra.get("enforce_eager", False)) if env is None else env
 
     # -- KV sizing ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
+
+from engine.config import env_switch
 
 
 @functools.cache
@@ -20,8 +21,8 @@ def triton_available() -> bool:
 
 
 def triton_disabled() -> bool:
-    """True when EMBER_DISABLE_TRITON asks for the torch references."""
-    return os.environ.get("EMBER_DISABLE_TRITON", "").strip().lower() not in ("", "0", "false", "no")
+    """True when EMBER_DISABLE_TRITON asks for the torch references (1/true/yes/on; engine.config.env_switch)."""
+    return env_switch("EMBER_DISABLE_TRITON") is True
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
