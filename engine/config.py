@@ -6,6 +6,7 @@ and the `rope_parameters` dict that transformers 5 writes; it always writes both
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,9 +35,15 @@ def env_switch(name: str) -> bool | None:
     if value in _SWITCH_OFF:
         return False
     if value:
-        logging.getLogger(__name__).warning("%s=%r is not one of %s or %s: ignored", name, value,
-                                            "/".join(_SWITCH_ON), "/".join(_SWITCH_OFF))
+        _warn_unknown_switch(name, value)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unknown_switch(name: str, value: str) -> None:
+    """Log an unrecognised switch value once (some switches are read on every kernel launch)."""
+    logging.getLogger(__name__).warning("%s=%r is not one of %s or %s: ignored", name, value,
+                                        "/".join(_SWITCH_ON), "/".join(_SWITCH_OFF))
 
 
 @dataclass
