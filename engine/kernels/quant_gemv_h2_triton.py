@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import INTERPRET
-from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
+from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 
 PRE_COLS = 2048  # activation columns per iteration of the max-abs pre-pass
 UNROLL = 3  # with a two-step ring, 3 copies of the loop body rotate its registers in place
@@ -470,8 +470,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
     if x2.dtype != torch.float32 and (x2.stride(0) % (align // 2) or x2.data_ptr() % align):
         x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
     tiles = triton.cdiv(n_out, block_n) * m
-    part = torch.empty(split, m, n_out, device=x2.device, dtype=torch.float32) if split > 1 else out
-    locks = split_locks(x2.device, tiles) if split > 1 else words
+    part, locks = split_scratch(out, split, tiles, words)
     grid = (triton.cdiv(n_out, block_n), m, split)
     _gemv_h2_kernel[grid](
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,

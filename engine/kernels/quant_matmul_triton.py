@@ -29,7 +29,7 @@ from engine.kernels._triton_util import dot_precision, num_sms
 from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps, gemv_h2_supported
 from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
 from engine.kernels.quant_mma_triton import int4_mma, mma_supported
-from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
+from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 from engine.kernels.quant_tuning import DEQUANT_MIN_M, TileConfig, tile_config
 
 # Float whose mantissa's last bit is worth 1, per activation dtype (see _codes_as).
@@ -265,8 +265,7 @@ def quant_matmul_triton(
         tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, block_m)
         split, per_split = _split(tiles, steps, cfg, x.device)
         grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, block_m), split)
-        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
-        locks = split_locks(x.device, tiles) if split > 1 else words
+        part, locks = split_scratch(out, split, tiles, words)
         _gemv_kernel[grid](
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split, MAGIC7,
             x2.stride(0), words.stride(0), scales.stride(0) if bits == 4 else 0, out.stride(0),
@@ -287,8 +286,7 @@ def quant_matmul_triton(
         if permute:
             x2 = x2.index_select(1, _dot_order(k, group, x.device))
         split, per_split = _split(tiles, steps, cfg, x.device)
-        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
-        locks = split_locks(x.device, tiles) if split > 1 else words
+        part, locks = split_scratch(out, split, tiles, words)
         _int4_dot_kernel[grid_mn + (split,)](
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split,
             _MAGIC2.get(x.dtype, 0), x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
@@ -299,8 +297,7 @@ def quant_matmul_triton(
         block_k = cfg.block_k
         steps = triton.cdiv(k, block_k)
         split, per_split = _split(tiles, steps, cfg, x.device)
-        part = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32) if split > 1 else out
-        locks = split_locks(x.device, tiles) if split > 1 else words
+        part, locks = split_scratch(out, split, tiles, words)
         _int8_dot_kernel[grid_mn + (split,)](
             x2, qweight, scales, bias_arg, out, part, locks, m, n_out, k, per_split * block_k,
             x2.stride(0), qweight.stride(0), out.stride(0),

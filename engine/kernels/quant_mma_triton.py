@@ -43,7 +43,7 @@ import triton.language as tl
 
 from engine.kernels._triton_util import INTERPRET, dot_precision
 from engine.kernels.quant_gemv_h2_triton import _load_scales
-from engine.kernels.quant_split_triton import split_fixup, split_locks, store_rows
+from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 
 PLANE_K = 16  # elements a plane contributes to one dot (tl.dot's smallest K)
 _PLANE_K = tl.constexpr(PLANE_K)
@@ -190,8 +190,7 @@ def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: 
     if group != 128:
         x2 = x2.index_select(1, mma_order(k, group, x2.device))
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    part = torch.empty(split, m, n_out, device=x2.device, dtype=torch.float32) if split > 1 else out
-    locks = split_locks(x2.device, tiles) if split > 1 else words
+    part, locks = split_scratch(out, split, tiles, words)
     asm = not INTERPRET and group == 128 and x2.dtype in _PTX_TYPES
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _int4_mma_kernel[grid](

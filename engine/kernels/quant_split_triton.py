@@ -32,6 +32,16 @@ def split_locks(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def split_scratch(out: torch.Tensor, split: int, tiles: int,
+                  unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, arrival counters) of a launch over `tiles` output tiles of out [M, N], K split `split`
+    ways: fp32 [split, M, N] and split_locks(); without a split both are placeholders (`out`, and
+    `unused` for the counters), which the kernels never touch."""
+    if split <= 1:
+        return out, unused
+    return torch.empty(split, *out.shape, device=out.device, dtype=torch.float32), split_locks(out.device, tiles)
+
+
 @triton.jit
 def store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k,
                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
