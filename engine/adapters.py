@@ -35,7 +35,7 @@ from torch import nn
 from engine.adapter_io import AdapterError, read_adapter
 from engine.adapter_paths import AdapterNotFoundError, resolve_adapter_path
 from engine.errors import InvalidRequestError
-from engine.kernels.lora_batched import StaticSegments, build_segments, chunk_buckets
+from engine.kernels.lora_batched import StaticSegments, build_segments, chunk_buckets, chunk_capacity
 from engine.lora import DEFAULT_TARGETS, lora_scaling
 from engine.lora_serving import LoraBatch, LoraStepContext, ServingLoraLinear, inject_serving_lora
 
@@ -354,7 +354,7 @@ class AdapterRegistry:
         that many rows can form) is captured with. The DoRA form is always used (LoRA slots have a factor
         of 1), so one graph serves every mix of adapters. A grid smaller than the largest also serves only
         slots below its chunk count (the stacked shrink's slot limit; see prepare_graph_step)."""
-        largest = self.graph_chunk_sizes(batch_size)[-1]
+        largest = chunk_capacity(batch_size, self.config.max_loras)  # the last of graph_chunk_sizes
         limit = chunks if chunks is not None and chunks < min(largest, self.config.max_loras) else None
         return LoraBatch(self._static.view(batch_size, chunks), has_dora=True, slot_limit=limit)
 
@@ -364,7 +364,8 @@ class AdapterRegistry:
         at most the largest grid (which serves every slot). The smallest captured grid holding it runs it."""
         slot_of, _ = self._assign_slots(adapters)
         chunks = self._static.fill([slot_of[key] if key is not None else -1 for key in adapters], batch_size)
-        return min(max(chunks, max(slot_of.values(), default=-1) + 1), self.graph_chunk_sizes(batch_size)[-1])
+        need = max(chunks, max(slot_of.values(), default=-1) + 1)
+        return min(need, chunk_capacity(batch_size, self.config.max_loras))  # the largest grid serves every slot
 
     def _make_resident(self, version: _Version, protected: set) -> None:
         slot = next((i for i, v in enumerate(self._slots) if v is None), None)
