@@ -7,8 +7,10 @@ partials [SPLIT, L, BLOCK_R] are summed by the expand kernel (deterministic, no 
 count is capped at MAX_SPLITS, so the expand sums them in a short unrolled run of independent loads.
 Expand: a program owns one chunk and a run of BLOCK_N-column tiles; it sums the chunk's partials (a
 few KB) once, then per tile reads B and y's rows, adds the update in fp32, applies the DoRA rescale if
-asked, and writes the rows back. Each token belongs to exactly one chunk, so no two programs write the same element. Base
-tokens (slot -1) are in no chunk. A packed layer's B is block-diagonal (`slices`): the expand works
+asked, and writes the rows back. Each token belongs to exactly one chunk, so no two programs write the
+same element. Base tokens (slot -1) are in no chunk. Instead of partials the expand can read x A^T
+from a [tokens, slots x R] product (BY_ROW: the base GEMM's extra columns, lora_serving.py), each
+token at its own row and its slot's columns. A packed layer's B is block-diagonal (`slices`): the expand works
 slice by slice and reads only each slice's own rank columns, a half or a third of B's bytes.
 
 Empty chunks (chunk_len 0: the spare entries of a CUDA graph's fixed grid) return at once.
