@@ -84,13 +84,16 @@ class FusedRopePagedAttention(PagedAttention):
         self.cos_sin_cache = cos_sin_cache
         self.positions = positions
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [1,N,Hq,D], k/v [1,N,Hkv,D] before RoPE -> [1,N,Hq,D]."""
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rms_source: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """q [1,N,Hq,D], k/v [1,N,Hkv,D] before RoPE -> [1,N,Hq,D]. With rms_source [1,N,d], q, k and v
+        are first scaled by its rows' rsqrt(mean square + eps), in the same kernel (engine/norm_folding.py)."""
         b, n, hq, d = q.shape
         meta = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         q_rot = rope_and_write_kv(q.reshape(b * n, hq, d), k.reshape(b * n, -1, d), v.reshape(b * n, -1, d),
-                                  self.positions, self.cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+                                  self.positions, self.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+                                  rms_source=None if rms_source is None else rms_source.reshape(b * n, -1), eps=eps)
         out = paged_attention(q_rot, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
                               self.scale, max_seqlen_q=meta.max_seqlen_q, max_context_len=meta.max_context_len)
         return out.view(b, n, hq, d)

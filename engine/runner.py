@@ -69,13 +69,17 @@ class ModelRunner:
         self.block_size = config.block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # Triton kernels on this device (CUDA, not disabled): fused model, RoPE fused into the KV write.
+        # Triton kernels on this device (CUDA, not disabled): fused model (norms folded into the
+        # projections where the model allows and no adapters wrap them), RoPE fused into the KV write.
         self.use_kernels = _dispatch.use_triton(param)
         self.cos_sin_cache = None
+        self.norms_folded = False
         if self.use_kernels:
             from engine.fusion import fuse_model
+            from engine.norm_folding import can_fold, fold_norms, folding_enabled
 
-            fuse_model(model)
+            self.norms_folded = adapters is None and folding_enabled() and can_fold(model)
+            fold_norms(model) if self.norms_folded else fuse_model(model)
             self.cos_sin_cache = build_cos_sin_cache(model.inv_freq.float(), max_model_len)
         if adapters is not None:  # wraps the (fused) projections; its slots are allocated before KV sizing
             adapters.attach()

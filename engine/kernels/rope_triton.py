@@ -1,4 +1,8 @@
-"""Triton kernel: RoPE on q and k plus the paged KV write, one program per token (see rope.py)."""
+"""Triton kernel: RoPE on q and k plus the paged KV write, one program per token (see rope.py).
+
+With HAS_RMS the program also reads its token's row of the RMS source and scales q, k and v by
+rsqrt(mean square + eps): through cos and sin for q and k, directly for v.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,18 +19,30 @@ def _rotate(x_ptr, stride_h, cos, sin, h, j, mask, HALF: tl.constexpr):
 
 
 @triton.jit
+def row_rms_scale(src_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    """rsqrt(mean(row^2) + eps) of the n_cols values at src_ptr, in fp32."""
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(src_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+
+
+@triton.jit
 def _rope_write_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, rms_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cs,
-    stride_cb, stride_cp, stride_ch,
+    stride_cb, stride_cp, stride_ch, stride_rms, rms_cols, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr, HAS_RMS: tl.constexpr, RMS_BLOCK: tl.constexpr,
 ):
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
     cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+    if HAS_RMS:
+        r = row_rms_scale(rms_ptr + tok.to(tl.int64) * stride_rms, rms_cols, eps, RMS_BLOCK)
+        cos = cos * r
+        sin = sin * r
 
     hq = tl.arange(0, HQ_PAD)
     q_mask = (hq[:, None] < HQ) & (j[None, :] < HALF)
@@ -45,8 +61,13 @@ def _rope_write_kernel(
     tl.store(k_cache_ptr + dst, k1.to(cache_ty), mask=kv_mask)
     tl.store(k_cache_ptr + dst + HALF, k2.to(cache_ty), mask=kv_mask)
     v_src = v_ptr + tok * stride_vt + hk[:, None] * stride_vh + j[None, :]
-    tl.store(v_cache_ptr + dst, tl.load(v_src, mask=kv_mask).to(cache_ty), mask=kv_mask)
-    tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_ty), mask=kv_mask)
+    v1 = tl.load(v_src, mask=kv_mask)
+    v2 = tl.load(v_src + HALF, mask=kv_mask)
+    if HAS_RMS:  # rounded once from fp32, as the reference's (v * r).to(dtype)
+        v1 = (v1.to(tl.float32) * r).to(v_ptr.dtype.element_ty)
+        v2 = (v2.to(tl.float32) * r).to(v_ptr.dtype.element_ty)
+    tl.store(v_cache_ptr + dst, v1.to(cache_ty), mask=kv_mask)
+    tl.store(v_cache_ptr + dst + HALF, v2.to(cache_ty), mask=kv_mask)
 
 
 def rope_and_write_kv_triton(
@@ -59,8 +80,11 @@ def rope_and_write_kv_triton(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     out: torch.Tensor | None = None,
+    rms_source: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """Rotated q [T, Hq, D] (new, or `out`); rotated k and v written into the paged cache."""
+    """Rotated q [T, Hq, D] (new, or `out`); rotated k and v written into the paged cache; with
+    rms_source [T, d] all three are first scaled by its rows' rsqrt(mean square + eps)."""
     num_tokens, hq, head_dim = q.shape
     hkv = k.shape[1]
     assert head_dim % 2 == 0 and cos_sin_cache.shape[-1] == head_dim
@@ -70,13 +94,16 @@ def rope_and_write_kv_triton(
     if num_tokens == 0:
         return out
     half = head_dim // 2
+    src = q if rms_source is None else rms_source.reshape(num_tokens, -1)
+    assert src.stride(-1) == 1
     _rope_write_kernel[(num_tokens,)](
-        q, k, v, positions, cos_sin_cache, out, k_cache, v_cache, slot_mapping,
+        q, k, v, positions, cos_sin_cache, out, k_cache, v_cache, slot_mapping, src,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), src.stride(0), src.shape[-1], eps,
         HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), PAGE=k_cache.shape[1],
+        HAS_RMS=rms_source is not None, RMS_BLOCK=triton.next_power_of_2(src.shape[-1]),
         num_warps=4,
     )
     return out

@@ -15,6 +15,7 @@ from engine.fusion import FusedAttention, FusedDecoderLayer, FusedMLP, fuse_mode
 from engine.kernels import _dispatch, activation, kv_write, paged_attention, rmsnorm, rope
 from engine.kernels.testing import require_backend
 from engine.model import Transformer
+from engine.norm_folding import FoldedDecoderLayer
 from engine.quant import quantize_model
 from engine.sampling import SamplingParams
 
@@ -70,7 +71,8 @@ def _force_triton(monkeypatch):
         monkeypatch.setattr(module, "use_triton", lambda *tensors: True)
 
 
-def test_kernel_path_gives_the_torch_path_tokens(monkeypatch):
+@pytest.mark.parametrize("fold", ["1", "0"])
+def test_kernel_path_gives_the_torch_path_tokens(monkeypatch, fold):
     require_backend("cpu")
     model = peaked_model(2)
     rng = random.Random(5)
@@ -78,7 +80,9 @@ def test_kernel_path_gives_the_torch_path_tokens(monkeypatch):
     prompts = [[rng.randrange(3, 128) for _ in range(n)] for n in (5, 37, 18)]
     want = _greedy_tokens(_engine(copy.deepcopy(model)), prompts, 6)
     _force_triton(monkeypatch)
+    monkeypatch.setenv("EMBER_FOLD_NORMS", fold)  # norms folded into the projections (the default), or kernels
     fast = _engine(model)
     assert fast.runner.use_kernels and fast.runner.graphs is None  # graphs need CUDA
-    assert isinstance(fast.model.model.layers[0], FusedDecoderLayer)
+    assert fast.runner.norms_folded == (fold == "1")
+    assert isinstance(fast.model.model.layers[0], FoldedDecoderLayer if fold == "1" else FusedDecoderLayer)
     assert _greedy_tokens(fast, prompts, 6) == want

@@ -57,6 +57,16 @@ def test_silu_and_mul_triton_cpu():
     for dtype in (torch.float16, torch.float32):
         x = 3 * torch.randn(2, 5, 2 * 72).to(dtype)
         assert_close_rel(silu_and_mul_triton(x).float(), silu_and_mul_ref(x).float(), TOL[dtype])
+        src = (torch.randn(2, 5, 40) * torch.rand(2, 5, 1) * 20).to(dtype)
+        assert_close_rel(silu_and_mul_triton(x, src, 1e-5).float(), silu_and_mul_ref(x, src, 1e-5).float(),
+                         TOL[dtype])
+
+
+def test_silu_and_mul_rms_reference_is_swiglu_of_the_normalized_input():
+    x = torch.randn(6, 32) * 9
+    w = torch.randn(2 * 24, 32)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert_close_rel(silu_and_mul_ref(x @ w.t(), x, 1e-6), silu_and_mul_ref(normed @ w.t()), 1e-5)
 
 
 @pytest.mark.gpu
@@ -76,3 +86,5 @@ def test_silu_and_mul_gpu(inter):
     require_backend("cuda")
     x = 3 * torch.randn(300, 2 * inter, device="cuda", dtype=torch.bfloat16)
     assert_close_rel(silu_and_mul(x).float(), silu_and_mul_ref(x).float(), TOL[torch.bfloat16])
+    src = 40 * torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    assert_close_rel(silu_and_mul(x, src, 1e-5).float(), silu_and_mul_ref(x, src, 1e-5).float(), TOL[torch.bfloat16])
