@@ -66,7 +66,7 @@ def _folded(projections: list[nn.Linear], norm: RMSNorm) -> nn.Linear:
 class FoldedDecoderLayer(nn.Module):
     """A dense decoder layer with its norms folded away (see the module docstring).
 
-    forward(x, cos, sin, attn) takes and returns the residual stream [B, T, d]. With an attention
+    forward(x, cos, sin, attn) updates the residual stream [B, T, d] in place and returns it. With an attention
     backend that applies RoPE (the serving kernels) the RMS scale of q, k and v rides along in its
     kernel; otherwise (attn None, or a backend given rotated inputs) it is applied here in torch.
     """
@@ -99,11 +99,15 @@ class FoldedDecoderLayer(nn.Module):
         return causal_attention(q, k, v) if attn is None else attn.attend(self.layer_idx, q, k, v)
 
     def forward(self, x, cos, sin, attn):
+        """x [B, T, d], the residual stream, is updated in place and returned (an out-of-place addmm
+        first copies its C operand: one more kernel per residual add)."""
         b, t, d = x.shape
         out = self._attend(x, cos, sin, attn).reshape(b * t, -1)
-        x2 = torch.addmm(x.reshape(b * t, d), out, self.o_proj.weight.t())  # x + o_proj(out), one rounding
+        x2 = x.view(b * t, d)
+        x2.addmm_(out, self.o_proj.weight.t())  # x += o_proj(out), rounded once
         h = silu_and_mul(self.gate_up_proj(x2), rms_source=x2, eps=self.mlp_eps)
-        return torch.addmm(x2, h, self.down_proj.weight.t()).view(b, t, d)
+        x2.addmm_(h, self.down_proj.weight.t())
+        return x
 
 
 def fold_norms(model: nn.Module) -> nn.Module:
