@@ -1,9 +1,15 @@
-"""Triton paged attention for decode: one query token per sequence (flash-decoding).
+"""Triton paged attention for decode: one query token per sequence (flash-decoding), one launch.
 
 One program serves every query head of one KV head (GQA: the G heads sharing a KV head form
 the rows of a small matmul), so each K/V tile is read from memory once per step. When the
 batch is too small to fill the GPU, each sequence's context is cut into splits handled by
-separate programs; a second kernel merges their partial outputs by log-sum-exp.
+separate programs of the same launch; the last of a (sequence, KV head) tile's programs to
+finish merges their fp32 partial outputs by log-sum-exp, so no second kernel runs.
+
+The host only bounds the split count (the launch grid, sized from max_context_len or, under
+CUDA graphs, from the block table's capacity). Each program reads its sequence's context length
+on the device and works out how many splits that context needs: programs past that count exit
+at once, and a context that needs one split is written directly, without partials or atomics.
 Layouts are those of paged_attention.py.
 """
 from __future__ import annotations
@@ -13,14 +19,24 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pick_configs
+from engine.kernels.quant_split_triton import split_locks
 
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
 # tile size divides a split.
 SPLIT_ALIGN = 128
-# Splits are at least this long. Measured on the H200 at batch 1, 2k context: 16 splits of 128
-# tokens ran in 8.7 us against 12.2 us for 8 of 256 (the merge is cheap next to a longer serial scan).
+_SPLIT_ALIGN = tl.constexpr(SPLIT_ALIGN)
+# Host side: the launch's split count (an upper bound) never makes splits shorter than this. Measured
+# on the H200 at batch 1, 2k context: 16 splits of 128 tokens ran in 8.7 us against 12.2 us for 8 of 256.
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
+# Device side: a context runs in cdiv(context, MIN_SPLIT_TOKENS_RT) splits at most (and never more than
+# were launched). Each split past the first costs its partial stores, an atomic and the last arriver's
+# reads of every partial (~1 us on the critical path, by estimate), about what a lone program spends
+# scanning one 128-token tile; at 256 a split at least doubles the work that pays for it, and
+# contexts up to 256 tokens (most chat turns early on) run in one program with no merge at all.
+# Not yet measured against 128 (which won at batch 1 with the separate merge kernel, above):
+# `benchmarks/bench_kernels.py --only attention --sweep` times 128 / 256 / 512.
+MIN_SPLIT_TOKENS_RT = 256
 
 # Launch configurations a sweep times (benchmarks/bench_kernels.py --sweep); the kernel itself runs
 # the measured table below (the interpreter the first of these).
@@ -58,21 +74,31 @@ def decode_config(programs: int, sm_count: int) -> dict:
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, split_len,
+    out_ptr, part_out_ptr, part_lse_ptr, lock_ptr,
+    scale_log2, min_split,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, S_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    launched = tl.num_programs(2)
     ctx = tl.load(context_lens_ptr + seq)
+    # This context's own split count: at most one split per min_split tokens and per launched program,
+    # split lengths rounded up to whole tiles, then the count that those lengths need. The active
+    # splits tile [0, ctx) exactly (the last one ends at the context's end), so any launched count
+    # (a stale one frozen in a CUDA graph, or 1) is correct; programs past the count exit here.
+    # A padding sequence (context 0) gets one empty split, which writes zeros.
+    ctx1 = tl.maximum(ctx, 1)
+    want = tl.minimum(tl.maximum(tl.cdiv(ctx, min_split), 1), launched)
+    split_len = tl.cdiv(tl.cdiv(ctx1, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    active = tl.cdiv(ctx1, split_len)
+    if split >= active:
+        return
     start = split * split_len
-    # The last split runs to the context's end, so a stale max_context_len (say, one frozen in a
-    # CUDA graph) only costs balance, never correctness.
-    end = tl.where(split == tl.num_programs(2) - 1, ctx, tl.minimum(ctx, start + split_len))
+    end = tl.minimum(ctx, start + split_len)
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -102,49 +128,59 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
 
-    # Empty ranges (padding sequences, splits past the context) leave l == 0: emit zeros.
+    # An empty range (a padding sequence) leaves l == 0: emit zeros.
     l_safe = tl.where(l > 0, l, 1.0)
-    o = acc / l_safe[:, None]
-    if SPLIT:
-        num_splits = tl.num_programs(2)
-        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [G_PAD]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=gd_mask)
-        lse = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
-    else:
+    o = acc / l_safe[:, None]  # [G_PAD, D_PAD]
+    if active == 1:  # this program owns the whole context and writes the output itself
         dst = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        if SPLIT:  # (always taken: one launched split means one active split)
+            # Partial rows are (sequence, query head, split): a tile's heads are consecutive.
+            row = (seq * tl.num_programs(1) * GROUP + heads) * launched + split  # [G_PAD]
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=gd_mask)
+            tl.store(part_lse_ptr + row, m + tl.log2(l_safe), mask=g < GROUP)
+            # Every thread's partial stores precede the arrival (barrier); the acq_rel atomic releases
+            # them to, and acquires the others' for, the program that sees itself last.
+            tl.debug_barrier()
+            tile = seq * tl.num_programs(1) + kvh
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == active - 1:
+                _merge_tile(part_out_ptr, part_lse_ptr, out_ptr, seq, kvh * GROUP, active, launched,
+                            stride_ot, stride_oh, GROUP, HEAD_DIM, D_PAD, S_PAD)
+                tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next call (or graph replay)
 
 
 @triton.jit
-def _merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
-    stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row0 = (seq * tl.num_programs(1) + head) * num_splits
+def _merge_tile(part_out_ptr, part_lse_ptr, out_ptr, seq, head0, active, launched, stride_ot, stride_oh,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """Log-sum-exp merge of one tile's `active` partials into out, one query head at a time.
+
+    The sums run over the split axis in a fixed order (a reduction over S_PAD lanes), whichever
+    program arrived last: the output does not depend on arrival order. Loads bypass L1 (.cg):
+    the other programs' partials were written by other SMs."""
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
-    lse = tl.load(part_lse_ptr + row0 + s, mask=s < num_splits, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp2(lse - top)  # empty splits weigh 0
-    mask = (s[:, None] < num_splits) & (d[None, :] < HEAD_DIM)
-    o = tl.load(part_out_ptr + (row0 + s[:, None]) * HEAD_DIM + d[None, :], mask=mask, other=0.0)
-    total = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    s_mask = s < active
+    for h in range(GROUP):  # not unrolled: one [S_PAD, D_PAD] tile live at a time
+        row0 = (seq * tl.num_programs(1) * GROUP + head0 + h) * launched
+        lse = tl.load(part_lse_ptr + row0 + s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD]; every active split is non-empty, so the max is finite
+        o = tl.load(part_out_ptr + (row0 + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
+        res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out_ptr + seq * stride_ot + (head0 + h) * stride_oh + d, res.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, sm_count: int) -> int:
-    """Splits per sequence: none once the launch has a program for every SM, else enough for ~4
-    programs an SM, never splits shorter than MIN_SPLIT_TOKENS (one 128-token tile).
+    """Splits per sequence to launch (an upper bound: each program trims it to its own context):
+    none once the launch has a program for every SM, else enough for ~4 programs an SM, never
+    splits shorter than MIN_SPLIT_TOKENS (one 128-token tile).
 
     The first rule is measured (benchmarks/NOTES.md): on an H200 at batch 32 and 64 (256 and 512
     programs), contexts 512 to 8k, one split ran as fast or faster than the 2-3 that aiming at four
-    programs an SM gave, since the partials and the merge launch cost more than the extra parallelism.
+    programs an SM gave, since the partials and the merge cost more than the extra parallelism.
     """
     programs = num_seqs * num_kv_heads
     if programs >= sm_count:
@@ -165,14 +201,21 @@ def paged_decode_attention_triton(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    min_split_tokens: int = MIN_SPLIT_TOKENS_RT,
 ) -> torch.Tensor:
     """Decode attention, q [num_seqs, Hq, D] (one token each) -> out [num_seqs, Hq, D].
 
-    max_context_len is a host-side estimate of the longest context, used only to size the splits
+    max_context_len is a host-side estimate of the longest context, used only to size the launch
     (any value gives correct results); without it the block table's capacity is used.
-    num_splits overrides the heuristic (tests and benchmarks); `out` is an optional preallocated
-    output (every element is written). `config` ({"BLOCK_N", "num_warps", "num_stages"})
-    replaces the measured table's choice (benchmark sweeps).
+    num_splits overrides the heuristic's launched split count (tests and benchmarks); each
+    sequence still runs in at most cdiv(context, min_split_tokens) of them. `out` is an optional
+    preallocated output (every element is written). `config` ({"BLOCK_N", "num_warps",
+    "num_stages"}) replaces the measured table's choice (benchmark sweeps).
+
+    With more than one split launched, the kernel uses the per-device arrival counters of
+    quant_split_triton.split_locks, which the split-K matmuls share: calls on one device must not
+    run concurrently on different streams (a forward is one stream, and every launch leaves its
+    counters at zero, so the kernels take turns with them safely).
     """
     num_seqs, num_q_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -180,6 +223,7 @@ def paged_decode_attention_triton(
     assert group * num_kv_heads == num_q_heads and k_cache.shape[-1] == head_dim
     assert k_cache.stride() == v_cache.stride() and k_cache.shape == v_cache.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and block_tables.stride(-1) == 1
+    assert min_split_tokens >= 1
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
         return out
@@ -187,31 +231,29 @@ def paged_decode_attention_triton(
         max_context_len = block_tables.shape[1] * page
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, num_sms(q.device))
+    # No more programs than whole tiles of the longest context would fill (others could only exit).
     split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
     num_splits = triton.cdiv(max(max_context_len, 1), split_len)
     split = num_splits > 1
     if split:
         part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(num_seqs, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
+        # Shared with the split-K matmuls (see the docstring): each launch leaves them at zero.
+        locks = split_locks(q.device, num_seqs * num_kv_heads)  # one counter per (sequence, KV head)
     else:
         part_out = part_lse = out  # unused
-    d_pad = triton.next_power_of_2(head_dim)
+        locks = context_lens  # unused
     grid = (num_seqs, num_kv_heads, num_splits)
     if config is None:
         config = decode_config(num_seqs * num_kv_heads * num_splits, num_sms(q.device))
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_out, part_lse,
-        scale * LOG2E, split_len if split else 2**30,
+        out, part_out, part_lse, locks,
+        scale * LOG2E, min_split_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **config,
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), PAGE=page, SPLIT=split, S_PAD=triton.next_power_of_2(num_splits),
+        PREC=dot_precision(q.dtype), **config,
     )
-    if split:
-        _merge_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4 if num_splits * d_pad >= 2048 else 2,
-        )
     return out
