@@ -12,7 +12,7 @@ tiles, warps, prefetch, split-K), installs the winner for the rest of the run, a
 winners as a table (JSON for EMBER_QUANT_TUNING, and a quant_tuned.py to commit); the reported
 int4/int8 times are then those of the default dispatch, which picks the winners. The decode
 attention sweep times the launch configurations and launched split counts on the large cases,
-then the run-time split floor (MIN_SPLIT_TOKENS_RT: 128 / 256 / 512 tokens a split).
+then the run-time split floor (run_time_floor: 128 / 256 / 512 tokens a split).
 
     python benchmarks/bench_kernels.py --out bench_kernels.json            # full run
     python benchmarks/bench_kernels.py --sweep --out bench_kernels.json    # + config sweeps
@@ -390,7 +390,7 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
     """Append one row per (batch, context) to `rows`, saving after each."""
     from engine.kernels._triton_util import num_sms
     from engine.kernels.paged_decode_triton import (
-        _CONFIGS, MIN_SPLIT_TOKENS_RT, choose_num_splits, paged_decode_attention_triton,
+        _CONFIGS, choose_num_splits, paged_decode_attention_triton, run_time_floor,
     )
 
     elt = torch.empty((), dtype=dtype).element_size()
@@ -414,7 +414,7 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             graph_splits = choose_num_splits(b, hkv, max(ctx, GRAPH_CAPACITY), num_sms(device))
             # Launched splits; each sequence runs at most cdiv(ctx, min_split_tokens) of them.
             row = {"batch": b, "context": ctx, "kv_bytes": kv_bytes, "num_splits": splits,
-                   "graph_launch_splits": graph_splits, "min_split_tokens": MIN_SPLIT_TOKENS_RT}
+                   "graph_launch_splits": graph_splits, "min_split_tokens": run_time_floor(b, hkv)}
 
             def run(max_context_len=ctx, **kw):
                 return time_per_op([lambda t=t: paged_decode_attention_triton(q, k_cache, v_cache, t, lens, scale,

@@ -29,14 +29,22 @@ _SPLIT_ALIGN = tl.constexpr(SPLIT_ALIGN)
 # on the H200 at batch 1, 2k context: 16 splits of 128 tokens ran in 8.7 us against 12.2 us for 8 of 256.
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
-# Device side: a context runs in cdiv(context, MIN_SPLIT_TOKENS_RT) splits at most (and never more than
-# were launched). Each split past the first costs its partial stores, an atomic and the last arriver's
-# reads of every partial (~1 us on the critical path, by estimate), about what a lone program spends
-# scanning one 128-token tile; at 256 a split at least doubles the work that pays for it, and
-# contexts up to 256 tokens (most chat turns early on) run in one program with no merge at all.
-# Not yet measured against 128 (which won at batch 1 with the separate merge kernel, above):
-# `benchmarks/bench_kernels.py --only attention --sweep` times 128 / 256 / 512.
+# Device side: a context runs in cdiv(context, floor) splits at most (and never more than were
+# launched). Each split past the first costs its partial stores, an atomic and the last arriver's
+# reads of every partial; a longer floor keeps short contexts in one program with no merge at all.
+# Measured on the H200 (benchmarks/sweep_decode_launch.py, 32 / 8 heads, head dim 64 and 128,
+# contexts 256-8k): at batch 1 a 128-token floor is worst at 1.10-1.13x the best launch over all
+# contexts (256: 1.4x slower than one program, 1k-8k faster), 256 at 1.18-1.19x; at batch 8 a
+# 256-token floor is worst at 1.09-1.13x, 128 at 1.15-1.18x. The floor steps at FLOOR_PROGRAMS.
 MIN_SPLIT_TOKENS_RT = 256
+MIN_SPLIT_TOKENS_FEW = 128  # the floor for launches of fewer than FLOOR_PROGRAMS (sequence, KV head) pairs
+FLOOR_PROGRAMS = 32
+
+
+def run_time_floor(num_seqs: int, num_kv_heads: int) -> int:
+    """Tokens a split must at least hold at run time (see MIN_SPLIT_TOKENS_RT)."""
+    return MIN_SPLIT_TOKENS_FEW if num_seqs * num_kv_heads < FLOOR_PROGRAMS else MIN_SPLIT_TOKENS_RT
+
 
 # Launch configurations a sweep times (benchmarks/bench_kernels.py --sweep); the kernel itself runs
 # the measured table below (the interpreter the first of these).
@@ -48,10 +56,10 @@ _CONFIGS: list[dict] = pick_configs([
     {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4},
 ])
 
-# Measured winners by launch size (work_bucket), from the H200 sweep of benchmarks/NOTES.md: up to
-# two programs an SM, 128-token tiles (batch 32 at 2k-8k: 69 / 248 us against 76 / 276 with 64;
-# batch 1 at 2k in 16 splits: 8.7 us against 9.5); beyond that, 64-token tiles (batch 64 at
-# 512-8k, batch 8 at 8k in 9 splits, batch 1 at 8k in 64 splits: fastest of the five configs).
+# Measured winners by the launch's (sequence, KV head) pairs (work_bucket), from the H200 sweeps of
+# benchmarks/NOTES.md: up to two an SM, 128-token tiles (batch 32 at 2k-8k: 69 / 248 us against
+# 76 / 276 with 64; batch 1 and 8, split, at 256-8k: every top-ranked launch of
+# sweep_decode_launch.py); beyond that, 64-token tiles (batch 64 at 512-8k: fastest of the five).
 # The autotuner this replaces was keyed without the context length and tuned on a warm-up's short
 # contexts; it kept configurations up to 25% slower for long ones.
 DECODE_CONFIGS: dict[int, dict] = {
@@ -175,17 +183,20 @@ def _merge_tile(part_out_ptr, part_lse_ptr, out_ptr, seq, head0, active, launche
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, sm_count: int) -> int:
     """Splits per sequence to launch (an upper bound: each program trims it to its own context):
-    none once the launch has a program for every SM, else enough for ~4 programs an SM, never
+    none once the launch has a program for every SM, else enough for ~2 programs an SM, never
     splits shorter than MIN_SPLIT_TOKENS (one 128-token tile).
 
-    The first rule is measured (benchmarks/NOTES.md): on an H200 at batch 32 and 64 (256 and 512
+    Both rules are measured (benchmarks/NOTES.md): on an H200 at batch 32 and 64 (256 and 512
     programs), contexts 512 to 8k, one split ran as fast or faster than the 2-3 that aiming at four
-    programs an SM gave, since the partials and the merge cost more than the extra parallelism.
+    programs an SM gave, since the partials and the merge cost more than the extra parallelism; at
+    batch 1 and 8 a launch sized for every context up to 8k (as a CUDA graph's is) did best with
+    32 and 4-8 splits (benchmarks/sweep_decode_launch.py), i.e. about two programs an SM: the
+    programs a short context leaves idle still take their turn on the SMs.
     """
     programs = num_seqs * num_kv_heads
     if programs >= sm_count:
         return 1
-    want = triton.cdiv(4 * sm_count, max(programs, 1))
+    want = triton.cdiv(2 * sm_count, max(programs, 1))
     by_len = triton.cdiv(max_context_len, MIN_SPLIT_TOKENS)
     return max(1, min(want, by_len, MAX_SPLITS))
 
@@ -201,14 +212,15 @@ def paged_decode_attention_triton(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-    min_split_tokens: int = MIN_SPLIT_TOKENS_RT,
+    min_split_tokens: int | None = None,
 ) -> torch.Tensor:
     """Decode attention, q [num_seqs, Hq, D] (one token each) -> out [num_seqs, Hq, D].
 
     max_context_len is a host-side estimate of the longest context, used only to size the launch
     (any value gives correct results); without it the block table's capacity is used.
     num_splits overrides the heuristic's launched split count (tests and benchmarks); each
-    sequence still runs in at most cdiv(context, min_split_tokens) of them. `out` is an optional
+    sequence still runs in at most cdiv(context, min_split_tokens) of them (default:
+    run_time_floor). `out` is an optional
     preallocated output (every element is written). `config` ({"BLOCK_N", "num_warps",
     "num_stages"}) replaces the measured table's choice (benchmark sweeps).
 
@@ -223,6 +235,7 @@ def paged_decode_attention_triton(
     assert group * num_kv_heads == num_q_heads and k_cache.shape[-1] == head_dim
     assert k_cache.stride() == v_cache.stride() and k_cache.shape == v_cache.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and block_tables.stride(-1) == 1
+    min_split_tokens = min_split_tokens or run_time_floor(q.shape[0], k_cache.shape[2])
     assert min_split_tokens >= 1
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
@@ -244,8 +257,8 @@ def paged_decode_attention_triton(
         part_out = part_lse = out  # unused
         locks = context_lens  # unused
     grid = (num_seqs, num_kv_heads, num_splits)
-    if config is None:
-        config = decode_config(num_seqs * num_kv_heads * num_splits, num_sms(q.device))
+    if config is None:  # by the (sequence, KV head) pairs: split programs are short or idle (measured)
+        config = decode_config(num_seqs * num_kv_heads, num_sms(q.device))
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse, locks,

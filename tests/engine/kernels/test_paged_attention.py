@@ -122,8 +122,8 @@ def _counters_are_zero(device):
     return int(split_locks(torch.device(device), 1).abs().sum()) == 0
 
 
-# Contexts giving one active split (0: padding, 1, 200), two (300) and five (1100) at the default
-# MIN_SPLIT_TOKENS_RT of 256, all in one batch.
+# Contexts giving one active split (0: padding, 1), two (200), three (300) and nine (1100) at the
+# 128-token run-time floor of small launches, all in one batch.
 MIXED_CTX = [1, 0, 200, 300, 1100]
 
 
@@ -131,10 +131,10 @@ MIXED_CTX = [1, 0, 200, 300, 1100]
 def test_decode_cpu_run_time_split_count_mixed_contexts(num_splits, max_context_len):
     """Each sequence runs in as many splits as its own context needs, capped by the launch; a launch
     sized for a large capacity (as under CUDA graphs) gives the same attention."""
-    from engine.kernels.paged_decode_triton import MIN_SPLIT_TOKENS_RT
+    from engine.kernels.paged_decode_triton import run_time_floor
 
     require_backend("cpu")
-    assert MIN_SPLIT_TOKENS_RT == 256  # MIXED_CTX is chosen for it
+    assert run_time_floor(len(MIXED_CTX), 2) == 128  # MIXED_CTX is chosen for it
     b = _batch("cpu", torch.float16, [1] * len(MIXED_CTX), MIXED_CTX, 8, 2, 32, 16)
     out = _decode_into(b, 0.25, num_splits=num_splits, max_context_len=max_context_len)
     assert_close_rel(out.float(), _expected(b, 0.25), TOL[torch.float16])
@@ -153,13 +153,13 @@ def test_decode_cpu_fp32_many_short_splits():
 
 def test_decode_cpu_launched_splits_beyond_need_change_no_bit():
     """The split count comes from each context, not from the launch: a launch of 1, 2 or 32 splits
-    computes the same bits for contexts that need one split (<= 256) or two (300)."""
+    computes the same bits for contexts that need one split (<= 256 at a 256-token floor) or two (300)."""
     require_backend("cpu")
     b = _batch("cpu", torch.float16, [1, 1, 1], [256, 17, 300], 4, 2, 32, 16)
-    one = _decode_into(b, 0.2, num_splits=1)
-    many = _decode_into(b, 0.2, num_splits=32, max_context_len=4096)
+    one = _decode_into(b, 0.2, num_splits=1, min_split_tokens=256)
+    many = _decode_into(b, 0.2, num_splits=32, max_context_len=4096, min_split_tokens=256)
     assert torch.equal(one[:2], many[:2])
-    two = _decode_into(b, 0.2, num_splits=2, max_context_len=512)
+    two = _decode_into(b, 0.2, num_splits=2, max_context_len=512, min_split_tokens=256)
     assert torch.equal(two, many)
     assert_close_rel(many.float(), _expected(b, 0.2), TOL[torch.float16])
 
@@ -260,11 +260,13 @@ def test_dispatcher_gpu_decode_and_mixed():
 
 def test_decode_launch_config_follows_the_launch_size():
     pytest.importorskip("triton")
-    from engine.kernels.paged_decode_triton import DECODE_CONFIGS, work_bucket
+    from engine.kernels.paged_decode_triton import DECODE_CONFIGS, run_time_floor, work_bucket
 
-    sms = 132  # up to two programs an SM take 128-token tiles, larger launches 64-token ones
+    sms = 132  # up to two (sequence, KV head) pairs an SM take 128-token tiles, larger launches 64-token ones
     assert work_bucket(256, sms) == 0 and work_bucket(264, sms) == 0 and work_bucket(265, sms) == 1
     assert DECODE_CONFIGS[0]["BLOCK_N"] == 128 and DECODE_CONFIGS[1]["BLOCK_N"] == 64
+    # Launches of few pairs split contexts into 128-token pieces at run time, larger ones into 256.
+    assert run_time_floor(1, 8) == run_time_floor(3, 8) == 128 and run_time_floor(4, 8) == run_time_floor(8, 8) == 256
 
 
 def test_decode_split_count_rule():
@@ -274,9 +276,9 @@ def test_decode_split_count_rule():
     sms = 132
     # A launch with a program per SM already runs unsplit, however long the contexts.
     assert choose_num_splits(32, 8, 8192, sms) == 1 and choose_num_splits(17, 8, 32768, sms) == 1
-    # Small launches split long contexts to reach ~4 programs an SM ...
-    assert choose_num_splits(1, 8, 8192, sms) == min(-(-4 * sms // 8), 8192 // MIN_SPLIT_TOKENS, MAX_SPLITS)
-    assert choose_num_splits(8, 8, 8192, sms) == -(-4 * sms // 64)
+    # Small launches split long contexts to reach ~2 programs an SM ...
+    assert choose_num_splits(1, 8, 8192, sms) == min(-(-2 * sms // 8), 8192 // MIN_SPLIT_TOKENS, MAX_SPLITS) == 33
+    assert choose_num_splits(8, 8, 8192, sms) == -(-2 * sms // 64) == 5
     # ... but never into pieces shorter than MIN_SPLIT_TOKENS.
     assert MIN_SPLIT_TOKENS == 128
     assert choose_num_splits(1, 8, 300, sms) == 3 and choose_num_splits(1, 8, 100, sms) == 1
