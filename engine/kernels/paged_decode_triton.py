@@ -39,6 +39,10 @@ MAX_SPLITS = 64
 MIN_SPLIT_TOKENS_RT = 256
 MIN_SPLIT_TOKENS_FEW = 128  # the floor for launches of fewer than FLOOR_PROGRAMS (sequence, KV head) pairs
 FLOOR_PROGRAMS = 32
+# Contexts up to this many tokens run in one program whatever the floor: at 256 tokens one program
+# beat two 128-token splits and their merge (batch 1: 5.3 / 7.0 us against 6.0 / 7.7 at head dim
+# 64 / 128), while at 1k the 128-token floor won (8.2 / 9.7 us against 9.7 / 11.5).
+SINGLE_SPLIT_TOKENS = 256
 
 
 def run_time_floor(num_seqs: int, num_kv_heads: int) -> int:
@@ -83,7 +87,7 @@ def decode_config(programs: int, sm_count: int) -> dict:
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, lock_ptr,
-    scale_log2, min_split,
+    scale_log2, min_split, single_max,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -101,6 +105,7 @@ def _decode_kernel(
     # A padding sequence (context 0) gets one empty split, which writes zeros.
     ctx1 = tl.maximum(ctx, 1)
     want = tl.minimum(tl.maximum(tl.cdiv(ctx, min_split), 1), launched)
+    want = tl.where(ctx <= single_max, 1, want)  # short contexts: one program, no merge
     split_len = tl.cdiv(tl.cdiv(ctx1, want), _SPLIT_ALIGN) * _SPLIT_ALIGN
     active = tl.cdiv(ctx1, split_len)
     if split >= active:
@@ -213,6 +218,7 @@ def paged_decode_attention_triton(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     min_split_tokens: int | None = None,
+    single_split_tokens: int | None = None,
 ) -> torch.Tensor:
     """Decode attention, q [num_seqs, Hq, D] (one token each) -> out [num_seqs, Hq, D].
 
@@ -220,7 +226,8 @@ def paged_decode_attention_triton(
     (any value gives correct results); without it the block table's capacity is used.
     num_splits overrides the heuristic's launched split count (tests and benchmarks); each
     sequence still runs in at most cdiv(context, min_split_tokens) of them (default:
-    run_time_floor). `out` is an optional
+    run_time_floor), and in one if its context is at most single_split_tokens (default
+    SINGLE_SPLIT_TOKENS; 0 turns that off). `out` is an optional
     preallocated output (every element is written). `config` ({"BLOCK_N", "num_warps",
     "num_stages"}) replaces the measured table's choice (benchmark sweeps).
 
@@ -262,7 +269,7 @@ def paged_decode_attention_triton(
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse, locks,
-        scale * LOG2E, min_split_tokens,
+        scale * LOG2E, min_split_tokens, SINGLE_SPLIT_TOKENS if single_split_tokens is None else single_split_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

@@ -122,8 +122,8 @@ def _counters_are_zero(device):
     return int(split_locks(torch.device(device), 1).abs().sum()) == 0
 
 
-# Contexts giving one active split (0: padding, 1), two (200), three (300) and nine (1100) at the
-# 128-token run-time floor of small launches, all in one batch.
+# Contexts giving one active split (0: padding, 1, 200: up to SINGLE_SPLIT_TOKENS), three (300) and
+# nine (1100) at the 128-token run-time floor of small launches, all in one batch.
 MIXED_CTX = [1, 0, 200, 300, 1100]
 
 
@@ -146,7 +146,7 @@ def test_decode_cpu_fp32_many_short_splits():
     """min_split_tokens=1 cuts every context into 128-token splits (up to 7 here, group 4, fp32)."""
     require_backend("cpu")
     b = _batch("cpu", torch.float32, [1] * 4, [129, 900, 5, 256], 8, 2, 16, 16)
-    out = _decode_into(b, 0.3, num_splits=16, max_context_len=2048, min_split_tokens=1)
+    out = _decode_into(b, 0.3, num_splits=16, max_context_len=2048, min_split_tokens=1, single_split_tokens=0)
     assert_close_rel(out, _expected(b, 0.3), TOL[torch.float32])
     assert _counters_are_zero("cpu")
 
@@ -162,6 +162,21 @@ def test_decode_cpu_launched_splits_beyond_need_change_no_bit():
     two = _decode_into(b, 0.2, num_splits=2, max_context_len=512, min_split_tokens=256)
     assert torch.equal(two, many)
     assert_close_rel(many.float(), _expected(b, 0.2), TOL[torch.float16])
+
+
+def test_decode_cpu_short_contexts_run_in_one_program():
+    """Contexts up to SINGLE_SPLIT_TOKENS run unsplit under any launch and floor: the same bits as a
+    one-split launch; longer ones split at the floor."""
+    from engine.kernels.paged_decode_triton import SINGLE_SPLIT_TOKENS
+
+    require_backend("cpu")
+    assert SINGLE_SPLIT_TOKENS == 256
+    b = _batch("cpu", torch.float16, [1, 1], [256, 140], 4, 2, 32, 16)
+    one = _decode_into(b, 0.2, num_splits=1)
+    many = _decode_into(b, 0.2, num_splits=32, max_context_len=4096, min_split_tokens=128)
+    assert torch.equal(one, many)
+    split = _decode_into(b, 0.2, num_splits=32, max_context_len=4096, min_split_tokens=128, single_split_tokens=0)
+    assert_close_rel(split.float(), _expected(b, 0.2), TOL[torch.float16])
 
 
 def test_decode_cpu_consecutive_calls_reset_counters_and_repeat_bits():
