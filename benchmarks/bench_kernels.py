@@ -11,8 +11,7 @@ With --sweep, each quantized case also times a set of launch configurations (ker
 tiles, warps, prefetch, split-K), installs the winner for the rest of the run, and writes the
 winners as a table (JSON for EMBER_QUANT_TUNING, and a quant_tuned.py to commit); the reported
 int4/int8 times are then those of the default dispatch, which picks the winners. The decode
-attention sweep times the launch configurations and launched split counts on the large cases,
-then the run-time split floor (run_time_floor: 128 / 256 / 512 tokens a split).
+attention sweep times the autotune configurations and split counts on the large cases.
 
     python benchmarks/bench_kernels.py --out bench_kernels.json            # full run
     python benchmarks/bench_kernels.py --sweep --out bench_kernels.json    # + config sweeps
@@ -379,19 +378,13 @@ def write_tuned(tuned: dict, path: Path, device_name: str, commit: str) -> None:
 
 ATTN_SWEEP_CASES = ((32, 8192), (64, 8192), (64, 2048), (8, 8192), (64, 512), (32, 2048), (8, 2048),
                     (1, 8192), (1, 2048))
-# Block-table capacity a decode CUDA graph sizes its launch for (max_context_len=None there): the
-# "graph launch" column times each case with the split count such a graph would launch.
-GRAPH_CAPACITY = 8192
-MIN_SPLIT_SWEEP = (128, 256, 512)
 
 
 def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, copy_tbps, sweep,
                  deadline, rows: list, save) -> None:
     """Append one row per (batch, context) to `rows`, saving after each."""
     from engine.kernels._triton_util import num_sms
-    from engine.kernels.paged_decode_triton import (
-        _CONFIGS, choose_num_splits, paged_decode_attention_triton, run_time_floor,
-    )
+    from engine.kernels.paged_decode_triton import _CONFIGS, choose_num_splits, paged_decode_attention_triton
 
     elt = torch.empty((), dtype=dtype).element_size()
     for b in batches:
@@ -411,38 +404,31 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             q = torch.randn(b, hq, d, device=device, dtype=dtype)
             scale = d ** -0.5
             splits = choose_num_splits(b, hkv, ctx, num_sms(device))
-            graph_splits = choose_num_splits(b, hkv, max(ctx, GRAPH_CAPACITY), num_sms(device))
-            # Launched splits; each sequence runs at most cdiv(ctx, min_split_tokens) of them.
-            row = {"batch": b, "context": ctx, "kv_bytes": kv_bytes, "num_splits": splits,
-                   "graph_launch_splits": graph_splits, "min_split_tokens": run_time_floor(b, hkv)}
+            row = {"batch": b, "context": ctx, "kv_bytes": kv_bytes, "num_splits": splits}
 
-            def run(max_context_len=ctx, **kw):
+            def run(**kw):
                 return time_per_op([lambda t=t: paged_decode_attention_triton(q, k_cache, v_cache, t, lens, scale,
-                                                                              max_context_len=max_context_len, **kw)
+                                                                              max_context_len=ctx, **kw)
                                     for t in tables], repeats)
 
             row["paged_ms"] = run()
             row["paged_TBps"] = (kv_bytes + io) / row["paged_ms"] / 1e9
             row["paged_nosplit_ms"] = run(num_splits=1)
-            row["paged_graph_launch_ms"] = run(max_context_len=max(ctx, GRAPH_CAPACITY))
             if sweep and (b, ctx) in ATTN_SWEEP_CASES and time.perf_counter() < deadline:
                 trials = []
-                # Launch configs x launched splits, with a 128-token floor so the launched count runs.
                 for cfg in _CONFIGS:
                     for s in sorted({splits, max(1, splits // 2), 2 * splits, 4 * splits}):
                         if time.perf_counter() > deadline:
                             break
-                        trials.append(_attn_trial(run, config=cfg, num_splits=s, min_split_tokens=128))
-                # The run-time floor, at the default launch (configs from the table, splits by heuristic).
-                for ms in MIN_SPLIT_SWEEP:
-                    if time.perf_counter() < deadline:
-                        trials.append(_attn_trial(run, min_split_tokens=ms))
+                        try:
+                            trials.append({"config": cfg, "num_splits": s, "ms": run(num_splits=s, config=cfg)})
+                        except Exception as exc:
+                            trials.append({"config": cfg, "num_splits": s, "error": str(exc).splitlines()[0][:160]})
                 row["sweep"] = trials
                 ok = [t for t in trials if "ms" in t]
                 if ok:
                     best = min(ok, key=lambda t: t["ms"])
-                    print(f"      sweep B={b} ctx={ctx}: best {best.get('config', 'table')} "
-                          f"splits={best.get('num_splits', splits)} min_split={best['min_split_tokens']} "
+                    print(f"      sweep B={b} ctx={ctx}: best {best['config']} splits={best['num_splits']} "
                           f"{best['ms'] * 1e3:.1f} us (default {row['paged_ms'] * 1e3:.1f} us)")
             del k_cache, v_cache
             # Baseline: SDPA on contiguous [B, H, L, D] KV, same bytes.
@@ -469,17 +455,8 @@ def bench_decode(device, dtype, batches, contexts, hq, hkv, d, page, repeats, co
             save()
             log(f"B={b:3d} ctx={ctx:5d} splits={splits:2d} | paged {row['paged_ms'] * 1e3:7.1f} us "
                 f"{row['paged_TBps']:4.2f} TB/s {row['paged_pct_of_copy']:5.1f}% (no split "
-                f"{row['paged_nosplit_ms'] * 1e3:7.1f} us, graph launch of {graph_splits} "
-                f"{row['paged_graph_launch_ms'] * 1e3:7.1f} us) | SDPA {t2 * 1e3:7.1f} us {row['sdpa_TBps']:4.2f} TB/s "
+                f"{row['paged_nosplit_ms'] * 1e3:7.1f} us) | SDPA {t2 * 1e3:7.1f} us {row['sdpa_TBps']:4.2f} TB/s "
                 f"{row['sdpa_pct_of_copy']:5.1f}% | paged/SDPA speed x{row['paged_vs_sdpa']:4.2f}")
-
-
-def _attn_trial(run, **kw) -> dict:
-    """One sweep trial of the decode attention: its settings and time, or the error it raised."""
-    try:
-        return {**kw, "ms": run(**kw)}
-    except Exception as exc:  # a config the compiler rejects is a result, not a crash
-        return {**kw, "error": str(exc).splitlines()[0][:160]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,11 +71,11 @@ def _cases():
 
     dec_ptrs = dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", block_tables_ptr="*i32",
                     context_lens_ptr="*i32", out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32",
-                    lock_ptr="*i32", scale_log2="fp32")
+                    scale_log2="fp32")
 
     def decode(bn, warps, stages):
         return (_decode_kernel, dec_ptrs, dict(GROUP=4, G_PAD=16, HEAD_DIM=128, D_PAD=128, PAGE=16, SPLIT=True,
-                                                  S_PAD=32, PREC="tf32", BLOCK_N=bn), warps, stages, bn * 128 * 2 * 2)
+                                                  PREC="tf32", BLOCK_N=bn), warps, stages, bn * 128 * 2 * 2)
 
     lora_ptrs = dict(x_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", scale_ptr="*fp32",
                      rescale_ptr="*fp32", rows_ptr="*i32", cslot_ptr="*i32", cstart_ptr="*i32", clen_ptr="*i32")
