@@ -6,8 +6,8 @@ the norm (q/k/v after the input norm, gate/up after the post-attention norm) onc
 the scalar r is applied after the matmul by the kernel that consumes its output anyway: the RoPE +
 KV-write kernel for q, k and v (engine/kernels/rope.py), the SwiGLU kernel for gate and up
 (engine/kernels/activation.py); each computes r from the token's residual row itself. The
-residual adds move into the o_proj and down_proj matmuls (addmm: the residual is the matmul's
-C operand, beta = 1), so layers hand each other one plain residual tensor. A decode step then
+residual adds move into the o_proj and down_proj matmuls (addmm_ in place: the residual is the
+matmul's C operand, beta = 1), so layers hand each other one plain residual tensor. A decode step then
 launches two kernels fewer a layer (the final norm before lm_head stays).
 
 When it applies (`can_fold`): every layer dense (Attention + MLP, plain nn.Linear projections)
@@ -66,9 +66,9 @@ def _folded(projections: list[nn.Linear], norm: RMSNorm) -> nn.Linear:
 class FoldedDecoderLayer(nn.Module):
     """A dense decoder layer with its norms folded away (see the module docstring).
 
-    forward(x, cos, sin, attn) updates the residual stream [B, T, d] in place and returns it. With an attention
-    backend that applies RoPE (the serving kernels) the RMS scale of q, k and v rides along in its
-    kernel; otherwise (attn None, or a backend given rotated inputs) it is applied here in torch.
+    forward(x, cos, sin, attn) updates the residual stream [B, T, d] in place and returns it. With
+    an attention backend that applies RoPE (the serving kernels) the RMS scale of q, k and v rides
+    along in its kernel; otherwise (attn None, or a backend given rotated inputs) it is applied here.
     """
 
     def __init__(self, layer: DecoderLayer):

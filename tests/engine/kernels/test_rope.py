@@ -41,7 +41,9 @@ def _check(device, dtype, t, hq, hkv, d, page, num_blocks, tol, rms_cols=0):
 
     q, k, v, positions, cs, cache, slots = _case(device, dtype, t, hq, hkv, d, page, num_blocks)
     # The RMS source: rows of a residual stream of mixed scales (folded-norm models).
-    src = (torch.randn(t, rms_cols, device=device) * torch.rand(t, 1, device=device) * 30).to(dtype) if rms_cols else None
+    src = None
+    if rms_cols:
+        src = (torch.randn(t, rms_cols, device=device) * torch.rand(t, 1, device=device) * 30).to(dtype)
     kc, vc, kr, vr = cache.clone(), cache.clone(), cache.clone(), cache.clone()
     out = torch.full_like(q, float("nan"))
     rope_and_write_kv_triton(q, k, v, positions, cs, kc, vc, slots, out=out, rms_source=src, eps=1e-5)
