@@ -48,6 +48,16 @@ def merge_linears(layers: list[nn.Module]) -> nn.Module:
     return merged
 
 
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """A fused projection's output [B, T, (Hq + 2 Hkv) D] -> strided views q [B, T, Hq, D], k, v [B, T, Hkv, D]."""
+    b, t, _ = qkv.shape
+    q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[..., :q_dim].view(b, t, num_heads, head_dim)
+    k = qkv[..., q_dim:q_dim + kv_dim].view(b, t, num_kv_heads, head_dim)
+    v = qkv[..., q_dim + kv_dim:].view(b, t, num_kv_heads, head_dim)
+    return q, k, v
+
+
 class FusedRMSNorm(nn.Module):
     """RMSNorm through the fused kernel; `forward(x, residual)` also adds the residual first."""
 
@@ -80,11 +90,7 @@ class FusedAttention(nn.Module):
 
     def forward(self, x, cos, sin, attn):
         b, t, _ = x.shape
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)  # [B, T, q_dim + 2 kv_dim]; q, k, v are strided views of it
-        q = qkv[..., :q_dim].view(b, t, self.num_heads, self.head_dim)
-        k = qkv[..., q_dim:q_dim + kv_dim].view(b, t, self.num_kv_heads, self.head_dim)
-        v = qkv[..., q_dim + kv_dim:].view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
         if cos is not None:  # None: the backend rotates q and k itself
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = causal_attention(q, k, v) if attn is None else attn.attend(self.layer_idx, q, k, v)

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from engine.config import env_switch
-from engine.fusion import FusedRMSNorm, merge_linears
+from engine.fusion import FusedRMSNorm, merge_linears, split_qkv
 from engine.kernels.activation import silu_and_mul
-from engine.kernels.rope import rms_scale
+from engine.kernels.rmsnorm import rms_scale
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
 
 
@@ -84,12 +84,8 @@ class FoldedDecoderLayer(nn.Module):
         self.down_proj = mlp.down_proj
 
     def _attend(self, x, cos, sin, attn):
-        b, t, _ = x.shape
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)  # un-normalized: r comes next
-        q = qkv[..., :q_dim].view(b, t, self.num_heads, self.head_dim)
-        k = qkv[..., q_dim:q_dim + kv_dim].view(b, t, self.num_kv_heads, self.head_dim)
-        v = qkv[..., q_dim + kv_dim:].view(b, t, self.num_kv_heads, self.head_dim)
+        # Projections of the un-normalized residual: r scales them next.
+        q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
         if getattr(attn, "applies_rope", False):
             return attn.attend(self.layer_idx, q, k, v, rms_source=x, eps=self.attn_eps)
         r = rms_scale(x, self.attn_eps)[..., None, None]  # [B, T, 1, 1]

@@ -79,7 +79,10 @@ class ModelRunner:
             from engine.norm_folding import can_fold, fold_norms, folding_enabled
 
             self.norms_folded = adapters is None and folding_enabled() and can_fold(model)
-            fold_norms(model) if self.norms_folded else fuse_model(model)
+            if self.norms_folded:
+                fold_norms(model)
+            else:
+                fuse_model(model)
             self.cos_sin_cache = build_cos_sin_cache(model.inv_freq.float(), max_model_len)
         if adapters is not None:  # wraps the (fused) projections; its slots are allocated before KV sizing
             adapters.attach()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels._dispatch import use_triton
-from engine.kernels.rope import rms_scale
+from engine.kernels.rmsnorm import rms_scale
 
 
 def silu_and_mul_ref(x: torch.Tensor, rms_source: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:

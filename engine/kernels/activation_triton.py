@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import INTERPRET
-from engine.kernels.rope_triton import row_rms_scale
+from engine.kernels.rmsnorm_triton import row_rms_scale
 
 
 @triton.jit

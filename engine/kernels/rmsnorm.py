@@ -11,6 +11,11 @@ import torch
 from engine.kernels._dispatch import use_triton
 
 
+def rms_scale(source: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(row^2) + eps) of each row of source [..., d], in fp32: [...]."""
+    return torch.rsqrt(source.float().pow(2).mean(-1) + eps)
+
+
 def rmsnorm_ref(
     x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +23,7 @@ def rmsnorm_ref(
     if residual is not None:
         x = x + residual
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * rms_scale(h, eps)[..., None]
     return w * h.to(x.dtype), x
 
 

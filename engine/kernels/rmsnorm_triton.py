@@ -7,6 +7,14 @@ import triton.language as tl
 
 
 @triton.jit
+def row_rms_scale(src_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    """rsqrt(mean(row^2) + eps) of the n_cols values at src_ptr, in fp32."""
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(src_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, eps, n_cols,
     stride_x, stride_r, stride_o, stride_ro,

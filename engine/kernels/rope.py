@@ -17,6 +17,7 @@ import torch
 
 from engine.kernels._dispatch import use_triton
 from engine.kernels.kv_write import write_kv_ref
+from engine.kernels.rmsnorm import rms_scale
 
 
 def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
@@ -24,11 +25,6 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Ten
     pos = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
     freqs = pos[:, None] * inv_freq.float()[None, :]  # [P, D/2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
-def rms_scale(source: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(mean(row^2) + eps) of each row of source [..., d], fp32 [...]."""
-    return torch.rsqrt(source.float().pow(2).mean(-1) + eps)
 
 
 def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,

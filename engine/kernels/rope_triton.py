@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.rmsnorm_triton import row_rms_scale
+
 
 @triton.jit
 def _rotate(x_ptr, stride_h, cos, sin, h, j, mask, HALF: tl.constexpr):
@@ -16,14 +18,6 @@ def _rotate(x_ptr, stride_h, cos, sin, h, j, mask, HALF: tl.constexpr):
     x1 = tl.load(x_ptr + h[:, None] * stride_h + j[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + h[:, None] * stride_h + HALF + j[None, :], mask=mask, other=0.0).to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-
-@triton.jit
-def row_rms_scale(src_ptr, n_cols, eps, BLOCK: tl.constexpr):
-    """rsqrt(mean(row^2) + eps) of the n_cols values at src_ptr, in fp32."""
-    cols = tl.arange(0, BLOCK)
-    x = tl.load(src_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
 
 
 @triton.jit
