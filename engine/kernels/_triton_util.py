@@ -7,6 +7,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from engine.config import env_switch
 
 # Under the CPU interpreter each autotune config would be run for real: keep one config there.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -36,4 +39,39 @@ def pick_configs(configs: list) -> list:
     return configs[:1] if INTERPRET else configs
 
 
-__all__ = ["INTERPRET", "LOG2E", "dot_precision", "num_sms", "pick_configs", "tl", "triton"]
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and env_switch("EMBER_PDL") is not False
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch arguments for a kernel that starts with `wait_for_inputs(PDL)`.
+
+    On Hopper and newer GPUs the kernel is launched with programmatic dependent launch: its programs
+    may start while the previous kernel in the stream is still running (its prologue, and any
+    loads of constant inputs placed before the wait, overlap that kernel's tail), and inside CUDA
+    graphs the launch gap between the two shrinks. EMBER_PDL=0 turns it off (read once per process);
+    the interpreter and older GPUs always launch normally.
+    """
+    on = device.type == "cuda" and not INTERPRET and _pdl_device(
+        device.index if device.index is not None else torch.cuda.current_device())
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch (see pdl_launch): block until the previous kernel has
+    finished and its writes are visible, then let the next kernel launch.
+
+    Everything a kernel reads that an earlier kernel may have written, and everything it writes,
+    must come after this call: a write before it could land in memory that the previous kernel is
+    still reading. Only inputs that no kernel writes (weights) may be loaded before it. Since every
+    such kernel waits before it finishes, the wait also covers all kernels further back.
+    """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+__all__ = ["INTERPRET", "LOG2E", "dot_precision", "num_sms", "pdl_launch", "pick_configs", "tl", "triton",
+           "wait_for_inputs"]

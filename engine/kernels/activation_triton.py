@@ -7,13 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import INTERPRET
+from engine.kernels._triton_util import INTERPRET, pdl_launch, wait_for_inputs
 from engine.kernels.rmsnorm_triton import row_rms_scale
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, rms_ptr, n_cols, stride_x, stride_o, stride_rms, rms_cols, eps,
-                         BLOCK: tl.constexpr, HAS_RMS: tl.constexpr, RMS_BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_RMS: tl.constexpr, RMS_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -41,5 +42,6 @@ def silu_and_mul_triton(x: torch.Tensor, rms_source: torch.Tensor | None = None,
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
         x2, out2, src, n, x2.stride(0), out2.stride(0), src.stride(0), src.shape[-1], eps,
         BLOCK=block, HAS_RMS=rms_source is not None, RMS_BLOCK=triton.next_power_of_2(src.shape[-1]), num_warps=4,
+        **pdl_launch(x.device),
     )
     return out

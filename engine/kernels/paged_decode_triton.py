@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pick_configs
+from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pdl_launch, pick_configs, wait_for_inputs
 
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
 # tile size divides a split.
@@ -63,8 +63,9 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,8 +121,9 @@ def _decode_kernel(
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row0 = (seq * tl.num_programs(1) + head) * num_splits
@@ -206,12 +208,12 @@ def paged_decode_attention_triton(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **config,
+        PAGE=page, SPLIT=split, PREC=dot_precision(q.dtype), **config, **pdl_launch(q.device),
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4 if num_splits * d_pad >= 2048 else 2,
+            num_warps=4 if num_splits * d_pad >= 2048 else 2, **pdl_launch(q.device),
         )
     return out

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import INTERPRET
+from engine.kernels._triton_util import INTERPRET, pdl_launch, wait_for_inputs
 from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 
 PRE_COLS = 2048  # activation columns per iteration of the max-abs pre-pass
@@ -386,6 +386,7 @@ def _gemv_h2_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
     # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
@@ -407,12 +408,14 @@ def _gemv_h2_kernel(
     first = pid_k * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     end = last - 1
-    # The ring's first two steps are requested before the pre-pass, whose latency they overlap.
+    # The ring's first two steps are requested before the pre-pass, whose latency they overlap
+    # (and, under programmatic dependent launch, before the wait for the previous kernel).
     w_a = tl.load(w_ptrs + first * WORDS)
     w_b = tl.load(w_ptrs + tl.minimum(first + 1, end) * WORDS)
     if BITS == 4:
         s_a = _load_scales(s_ptrs + first, SKIND, EMULATE)
         s_b = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
+    wait_for_inputs(PDL)
     scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
 
     acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
@@ -477,7 +480,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL,
-        EMULATE=emulate, num_warps=num_warps, num_stages=1,
+        EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device),
     )
     return out
 

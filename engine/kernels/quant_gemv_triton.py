@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from engine.kernels._triton_util import wait_for_inputs
 from engine.kernels.quant_split_triton import split_fixup, store_rows
 
 MAGIC7 = 0x43000000  # bit pattern of the fp32 2**7, passed at run time (see _field)
@@ -105,7 +106,7 @@ def _gemv_kernel(
     M, N, steps, steps_per_split, magic7,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     # A step covers WORDS 32-bit words of each W row, KSTEP columns of K. int4: a step is one
     # quantization group. int8: byte t of word w holds column 4 * w + t of the step.
@@ -134,6 +135,7 @@ def _gemv_kernel(
         if BITS == 4:
             s_a = tl.load(s_ptrs + first, mask=n < tl.where(first < last, N, 0), other=0.0)
             s_b = tl.load(s_ptrs + first + 1, mask=n < tl.where(first + 1 < last, N, 0), other=0.0)
+    wait_for_inputs(PDL)  # weights and scales above may be read before it, activations not
     for st in range(first, last):
         if PREFETCH == 2:
             wv = w_a

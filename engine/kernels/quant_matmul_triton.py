@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import dot_precision, num_sms
+from engine.kernels._triton_util import dot_precision, num_sms, pdl_launch, wait_for_inputs
 from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps, gemv_h2_supported
 from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
 from engine.kernels.quant_mma_triton import int4_mma, mma_supported
@@ -98,7 +98,7 @@ def _int4_dot_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
-    X_PERMUTED: tl.constexpr,
+    X_PERMUTED: tl.constexpr, PDL: tl.constexpr,
 ):
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per row per group
     pid_n = tl.program_id(0)
@@ -134,6 +134,7 @@ def _int4_dot_kernel(
     if PREFETCH == 2:
         w_a = tl.load(w_ptrs + first * WPG, mask=(n < tl.where(first < last, N, 0))[:, None], other=0)
         w_b = tl.load(w_ptrs + (first + 1) * WPG, mask=(n < tl.where(first + 1 < last, N, 0))[:, None], other=0)
+    wait_for_inputs(PDL)
     for g in range(first, last):
         sv = s_a
         s_a = s_b
@@ -161,8 +162,9 @@ def _int8_dot_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -271,12 +273,14 @@ def quant_matmul_triton(
             x2.stride(0), words.stride(0), scales.stride(0) if bits == 4 else 0, out.stride(0),
             BITS=bits, WORDS=word_step, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
             HAS_BIAS=bias is not None, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=1,
+            **pdl_launch(x.device),
         )
         return out.view(*x.shape[:-1], n_out)
 
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
-                  PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pdl_launch(x.device))
     grid_mn = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m))
     if bits == 4:
         steps = k // group

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import INTERPRET, dot_precision
+from engine.kernels._triton_util import INTERPRET, dot_precision, pdl_launch, wait_for_inputs
 from engine.kernels.quant_gemv_h2_triton import _load_scales
 from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 
@@ -110,7 +110,7 @@ def _int4_mma_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr, SKIND: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     P: tl.constexpr = GROUP // _PLANE_K  # nibble planes an element holds
     EW: tl.constexpr = 128 // GROUP  # elements a 32-bit word holds
@@ -139,6 +139,7 @@ def _int4_mma_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     s_next = _load_scales(s_ptrs + first, SKIND, EMULATE)
+    wait_for_inputs(PDL)
     for g in range(first, last):
         sv = s_next
         s_next = _load_scales(s_ptrs + tl.minimum(g + 1, last - 1), SKIND, EMULATE)
@@ -198,5 +199,5 @@ def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: 
         m, n_out, k // group, per_split, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, PREC=dot_precision(x2.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, W_IS_A=cfg.w_is_a, ASM=asm, SKIND=SCALE_KIND[scales.dtype],
-        EMULATE=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EMULATE=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2.device),
     )

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels._triton_util import pdl_launch, wait_for_inputs
+
 
 @triton.jit
 def row_rms_scale(src_ptr, n_cols, eps, BLOCK: tl.constexpr):
@@ -18,8 +20,9 @@ def row_rms_scale(src_ptr, n_cols, eps, BLOCK: tl.constexpr):
 def _rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, eps, n_cols,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -59,6 +62,6 @@ def rmsnorm_triton(
         x2, r2, w, out2, res2, eps, n,
         x2.stride(0), r2.stride(0), out2.stride(0), res2.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(max(block // 512, 1), 16),
+        num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device),
     )
     return out, new_res

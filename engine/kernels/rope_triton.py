@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels._triton_util import pdl_launch, wait_for_inputs
 from engine.kernels.rmsnorm_triton import row_rms_scale
 
 
@@ -27,7 +28,9 @@ def _rope_write_kernel(
     stride_cb, stride_cp, stride_ch, stride_rms, rms_cols, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr, HAS_RMS: tl.constexpr, RMS_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
@@ -98,6 +101,6 @@ def rope_and_write_kv_triton(
         HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), PAGE=k_cache.shape[1],
         HAS_RMS=rms_source is not None, RMS_BLOCK=triton.next_power_of_2(src.shape[-1]),
-        num_warps=4,
+        num_warps=4, **pdl_launch(q.device),
     )
     return out
