@@ -4,7 +4,7 @@
 #   1. GPU tests of the decode path's kernels and the engine end to end
 #   2. batch-1 decode, 1B and 8B shapes, with the switch under test off and on (one process each)
 #   3. the 1B and 8B decode graphs' kernel tables (the switch on), for each dtype in PROFILE_DTYPES
-# Usage: [DTYPES=bf16,int8,int4] [PROFILE_DTYPES=bf16] scripts/gpu_decode_ab.sh OUTDIR SWITCH
+# Usage: [DTYPES=bf16,int8,int4] [PROFILE_DTYPES=bf16] [REPEATS=3] scripts/gpu_decode_ab.sh OUTDIR SWITCH
 #   (SWITCH e.g. EMBER_FOLD_NORMS or EMBER_PDL; default on = 1, off = 0)
 set -uo pipefail
 out=${1:-out/decode_ab}
@@ -25,7 +25,7 @@ timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels
 
 for v in 0 1; do
   phase "decode $switch=$v"
-  env "$switch=$v" timeout 240 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes "$dtypes" --no-hf --no-eager \
+  env "$switch=$v" timeout 240 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes "$dtypes" --repeats "${REPEATS:-3}" --no-hf --no-eager \
     --out "$out/decode_${switch}_$v.json" 2>&1 | tail -12 | tee "$out/bench_decode_${switch}_$v.txt"
 done
 
