@@ -123,6 +123,8 @@ def _cases():
 def compile_case(fn, ptrs, consts, warps, stages):
     if "PDL" in fn.arg_names:  # launched without programmatic dependent launch unless a case says so
         consts = {"PDL": False, **consts}
+    if "ACCUMULATE" in fn.arg_names:
+        consts = {"ACCUMULATE": False, **consts}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in DIV16 if a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)

@@ -384,7 +384,7 @@ def _gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, steps, steps_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
-    BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -435,10 +435,10 @@ def _gemv_h2_kernel(
     if BITS == 8:  # the per-channel scale commutes with the K sum
         total = total * tl.load(s_ptr + rows).to(tl.float32)
     m = pid_m + tl.arange(0, 1)
-    store_rows(total[None, :], m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(total[None, :], m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS, ACCUMULATE)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
-                    stride_om, HAS_BIAS)
+                    stride_om, HAS_BIAS, ACCUMULATE)
 
 
 def gemv_h2_supported(x: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> bool:
@@ -461,11 +461,11 @@ def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
 
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
-            emulate: bool = False, bits: int = 4) -> torch.Tensor:
+            emulate: bool = False, bits: int = 4, accumulate: bool = False) -> torch.Tensor:
     """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
     int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
     `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
-    emulate=True (interpreter only) replaces the PTX."""
+    emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out."""
     m, k = x2.shape
     n_out = words.shape[0]
     steps = gemv_h2_steps(k, scales, bits)
@@ -479,7 +479,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
-        HAS_BIAS=bias is not None, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL,
         EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device),
     )
     return out

@@ -106,7 +106,7 @@ def _gemv_kernel(
     M, N, steps, steps_per_split, magic7,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     # A step covers WORDS 32-bit words of each W row, KSTEP columns of K. int4: a step is one
     # quantization group. int8: byte t of word w holds column 4 * w + t of the step.
@@ -180,7 +180,7 @@ def _gemv_kernel(
     if BITS == 8:
         total = total * tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     m = m0 + tl.arange(0, BLOCK_M)
-    store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS, ACCUMULATE)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
-                    stride_om, HAS_BIAS)
+                    stride_om, HAS_BIAS, ACCUMULATE)

@@ -86,39 +86,51 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return (codes * scales.float()[..., None]).reshape(n, k)
 
 
+def _linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                accumulate: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ bias) in fp32, returned in x's dtype, or added into `accumulate` (rounded once)."""
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    if accumulate is None:
+        return y.to(x.dtype)
+    return accumulate.copy_(accumulate.float() + y)
+
+
 def int8_matmul_ref(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype."""
-    y = F.linear(x.float(), dequantize_int8(qweight, scales), None if bias is None else bias.float())
-    return y.to(x.dtype)
+    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype (or added into `accumulate` [..., N])."""
+    return _linear_ref(x, dequantize_int8(qweight, scales), bias, accumulate)
 
 
 def int4_matmul_ref(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype."""
-    y = F.linear(x.float(), dequantize_int4(qweight, scales), None if bias is None else bias.float())
-    return y.to(x.dtype)
+    """x [..., K] @ dequant(W).T in fp32, returned in x's dtype (or added into `accumulate` [..., N])."""
+    return _linear_ref(x, dequantize_int4(qweight, scales), bias, accumulate)
 
 
 def int8_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight-only int8 linear: Triton on CUDA, the reference elsewhere."""
+    """Weight-only int8 linear: Triton on CUDA, the reference elsewhere. With `accumulate` (x's
+    dtype, [..., N]) the product is added into that tensor in place, which is returned."""
     if use_triton(x, qweight):
         from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
-        return quant_matmul_triton(x, qweight, scales, bias, bits=8)
-    return int8_matmul_ref(x, qweight, scales, bias)
+        return quant_matmul_triton(x, qweight, scales, bias, bits=8, accumulate=accumulate)
+    return int8_matmul_ref(x, qweight, scales, bias, accumulate)
 
 
 def int4_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight-only int4 linear: Triton on CUDA, the reference elsewhere."""
+    """Weight-only int4 linear: Triton on CUDA, the reference elsewhere (`accumulate` as int8_matmul)."""
     if use_triton(x, qweight):
         from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
-        return quant_matmul_triton(x, qweight, scales, bias, bits=4)
-    return int4_matmul_ref(x, qweight, scales, bias)
+        return quant_matmul_triton(x, qweight, scales, bias, bits=4, accumulate=accumulate)
+    return int4_matmul_ref(x, qweight, scales, bias, accumulate)

@@ -97,7 +97,7 @@ def _int4_dot_kernel(
     M, N, groups, groups_per_split, magic2,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr,
     X_PERMUTED: tl.constexpr, PDL: tl.constexpr,
 ):
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per row per group
@@ -150,10 +150,10 @@ def _int4_dot_kernel(
         # MAGIC + c - (MAGIC + 8) = c - 8, exact in the 16-bit type (packed HADD2).
         d = tl.dot(wq - (MAGIC + 8.0), tl.trans(xg), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
         acc += d * sv.to(tl.float32)[:, None]
-    store_rows(tl.trans(acc), m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(tl.trans(acc), m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS, ACCUMULATE)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
-                    stride_om, HAS_BIAS)
+                    stride_om, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -162,7 +162,7 @@ def _int8_dot_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
@@ -184,10 +184,10 @@ def _int8_dot_kernel(
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC)
     s = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc * s[None, :]  # per-channel scale commutes with the K sum
-    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS, ACCUMULATE)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
-                    stride_om, HAS_BIAS)
+                    stride_om, HAS_BIAS, ACCUMULATE)
 
 
 PERMUTE_X_MIN_M = 32
@@ -220,8 +220,13 @@ def quant_matmul_triton(
     bias: torch.Tensor | None,
     bits: int,
     config: TileConfig | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] times the quantized W [N, K] transposed -> [..., N] in x's dtype."""
+    """x [..., K] times the quantized W [N, K] transposed -> [..., N] in x's dtype.
+
+    With `accumulate` (a [..., N] tensor of x's dtype whose rows view as [M, N] with unit column
+    stride) the product is added into it in place, rounded once, and it is returned.
+    """
     from engine.kernels.quant_matmul import dequantize_int4, dequantize_int8
 
     n_out = qweight.shape[0]
@@ -230,14 +235,19 @@ def quant_matmul_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
+    if accumulate is None:
+        out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
+    else:
+        out = accumulate.view(m, n_out)
+        assert out.dtype == x.dtype and out.stride(-1) == 1
     if m == 0:
         return out.view(*x.shape[:-1], n_out)
     group = k // scales.shape[1] if bits == 4 else None
     cfg = config or tile_config(m, n_out, k, bits, group)
     if cfg.kernel == "dequant" or (bits == 8 and k % 4) or not qweight.is_contiguous():
         w = dequantize_int4(qweight, scales) if bits == 4 else dequantize_int8(qweight, scales)
-        return F.linear(x, w.to(x.dtype), bias)
+        y = F.linear(x, w.to(x.dtype), bias)
+        return y if accumulate is None else accumulate.add_(y)
     assert scales.stride(-1) == 1
     words = qweight.view(torch.int32)  # [N, K/8] (int4) or [N, K/4] (int8), little-endian
     bias_arg = bias if bias is not None else out
@@ -245,14 +255,15 @@ def quant_matmul_triton(
         if gemv_h2_supported(x2, scales, bits):
             steps = gemv_h2_steps(k, scales, bits)
             split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
-            gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits)
+            gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits,
+                    accumulate=accumulate is not None)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma":
         if bits == 4 and mma_supported(x2, scales):
             tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
             split, per_split = _split(tiles, k // group, cfg, x.device)
-            int4_mma(x2, words, scales, bias, out, cfg, split, per_split)
+            int4_mma(x2, words, scales, bias, out, cfg, split, per_split, accumulate=accumulate is not None)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="dot")
     if cfg.kernel == "gemv":
@@ -272,13 +283,15 @@ def quant_matmul_triton(
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split, MAGIC7,
             x2.stride(0), words.stride(0), scales.stride(0) if bits == 4 else 0, out.stride(0),
             BITS=bits, WORDS=word_step, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=1,
+            HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, PREFETCH=cfg.prefetch,
+            num_warps=cfg.num_warps, num_stages=1,
             **pdl_launch(x.device),
         )
         return out.view(*x.shape[:-1], n_out)
 
     tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
+                  ACCUMULATE=accumulate is not None,
                   PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_launch(x.device))
     grid_mn = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m))

@@ -109,7 +109,7 @@ def _int4_mma_kernel(
     M, N, groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr, SKIND: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr, SKIND: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     P: tl.constexpr = GROUP // _PLANE_K  # nibble planes an element holds
@@ -159,10 +159,10 @@ def _int4_mma_kernel(
             acc += part * sv[None, :]
     if W_IS_A:
         acc = tl.trans(acc)
-    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS)
+    store_rows(acc, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT, HAS_BIAS, ACCUMULATE)
     if SPLIT:
         split_fixup(lock_ptr, pid_m * tl.num_programs(0) + pid_n, part_ptr, bias_ptr, out_ptr, m, n, M, N,
-                    stride_om, HAS_BIAS)
+                    stride_om, HAS_BIAS, ACCUMULATE)
 
 
 @functools.cache
@@ -183,8 +183,9 @@ def mma_supported(x2: torch.Tensor, scales: torch.Tensor) -> bool:
 
 
 def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-             out: torch.Tensor, cfg, split: int, per_split: int) -> None:
-    """out [M, N] = x2 [M, K] @ dequant(W).T (+ bias), W as int32 words [N, K/8], split K ways."""
+             out: torch.Tensor, cfg, split: int, per_split: int, accumulate: bool = False) -> None:
+    """out [M, N] = x2 [M, K] @ dequant(W).T (+ bias) (+ out with accumulate), W as int32 words
+    [N, K/8], split K ways."""
     m, k = x2.shape
     n_out = words.shape[0]
     group = k // scales.shape[1]
@@ -198,6 +199,6 @@ def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: 
         x2, words, scales, bias if bias is not None else out, out, part, locks,
         m, n_out, k // group, per_split, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, PREC=dot_precision(x2.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
-        HAS_BIAS=bias is not None, W_IS_A=cfg.w_is_a, ASM=asm, SKIND=SCALE_KIND[scales.dtype],
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, W_IS_A=cfg.w_is_a, ASM=asm, SKIND=SCALE_KIND[scales.dtype],
         EMULATE=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2.device),
     )

@@ -43,22 +43,33 @@ def split_scratch(out: torch.Tensor, split: int, tiles: int,
 
 
 @triton.jit
-def store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k,
-               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store a [BLOCK_M, BLOCK_N] fp32 tile: the output (no split) or this program's partial."""
+def _write_out(total, m, n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """out[m, n] = total (+ bias[n]) (+ out[m, n] with ACCUMULATE), rounded once to out's dtype."""
     mask = (m < M)[:, None] & (n < N)[None, :]
-    if SPLIT:
-        dst = part_ptr + (pid_k.to(tl.int64) * M + m)[:, None] * N + n[None, :]
-        tl.store(dst, total, mask=mask)
-    else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=mask)
+    dst = out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :]
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:  # each element is read and written by the one program that owns it
+        total += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def split_fixup(lock_ptr, tile, part_ptr, bias_ptr, out_ptr, m, n, M, N, stride_om, HAS_BIAS: tl.constexpr):
+def store_rows(total, m, n, M, N, bias_ptr, out_ptr, part_ptr, stride_om, pid_k,
+               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Store a [BLOCK_M, BLOCK_N] fp32 tile: the output (no split) or this program's partial.
+    ACCUMULATE adds the output's current values (out += x W^T, e.g. a residual stream)."""
+    if SPLIT:
+        mask = (m < M)[:, None] & (n < N)[None, :]
+        dst = part_ptr + (pid_k.to(tl.int64) * M + m)[:, None] * N + n[None, :]
+        tl.store(dst, total, mask=mask)
+    else:
+        _write_out(total, m, n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def split_fixup(lock_ptr, tile, part_ptr, bias_ptr, out_ptr, m, n, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                ACCUMULATE: tl.constexpr):
     """After store_rows(SPLIT=True): the tile's last program to arrive reduces and writes it."""
     splits = tl.num_programs(2)
     # Every thread's partial stores precede the arrival (barrier); the acq_rel atomic releases
@@ -72,8 +83,5 @@ def split_fixup(lock_ptr, tile, part_ptr, bias_ptr, out_ptr, m, n, M, N, stride_
         plane = (M * N).to(tl.int64)  # partials of one split
         for s in range(0, splits):  # split order: the sum does not depend on arrival order
             total += tl.load(src + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=mask)
+        _write_out(total, m, n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS, ACCUMULATE)
         tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next call

@@ -78,7 +78,7 @@ def test_emulation_pairing_is_exact_on_one_column():
 
 # --- the kernel under the interpreter --------------------------------------------------------
 
-def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4):
+def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate=False):
     from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps
 
     steps = gemv_h2_steps(x.shape[1], s, bits)
@@ -87,7 +87,7 @@ def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4):
     if out is None:
         out = torch.full((x.shape[0], q.shape[0]), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
     return gemv_h2(x, q.view(torch.int32), s, bias, out, block_n, warps, split, per_split,
-                   emulate=x.device.type == "cpu", bits=bits), per_split
+                   emulate=x.device.type == "cpu", bits=bits, accumulate=accumulate), per_split
 
 
 @pytest.mark.parametrize("dtype,group,split,bias,kind", [
@@ -200,6 +200,19 @@ def test_int8_kernel_interpreter(dtype, n, split, bias, kind):
         assert_close_rel(y.float(), emu.float(), EMU_TOL[dtype])
 
 
+@pytest.mark.parametrize("bits,split", [(4, 1), (4, 3), (8, 2)])
+def test_kernel_interpreter_accumulates_into_the_output(bits, split):
+    """accumulate=True: out += x W^T in place (a folded layer's residual add), split K or not."""
+    require_backend("cpu")
+    n, k = 80, 512
+    q, s = _weights(n, k, 128, torch.float16) if bits == 4 else _weights8(n, k, torch.float16)
+    x = _activations("normal", 2, k).to(torch.float16)
+    before = torch.randn(2, n).half() * 4
+    out = before.clone()
+    _kernel(x, q, s, None, 64, split, out=out, bits=bits, accumulate=True)
+    assert_close_rel(out.float(), _ref(bits)(x.float(), q, s) + before.float(), TOL[torch.float16])
+
+
 # --- the PTX kernel on CUDA ------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -220,7 +233,8 @@ def test_gemv_h2_gpu(k, n, split, bias, dtype, kind, block_n, warps):
 
 
 def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps):
-    """A gemv_h2 config through the dispatcher against the fp32 reference, twice with fresh inputs."""
+    """A gemv_h2 config through the dispatcher against the fp32 reference, twice with fresh inputs
+    (the second time adding into an output's earlier values)."""
     require_backend("cuda")
     from engine.kernels.quant_matmul_triton import quant_matmul_triton
     from engine.kernels.quant_tuning import TileConfig
@@ -228,10 +242,15 @@ def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps):
     q, s = _weights(n, k, 128, dtype, "cuda") if bits == 4 else _weights8(n, k, dtype, "cuda")
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
     cfg = TileConfig(1, block_n, warps, 1, split, kernel="gemv_h2")
-    for _ in range(2):
+    for accumulate in (False, True):  # the second call adds into earlier values (a residual stream)
         x = _activations(kind, 1, k, "cuda").to(dtype)
-        y = quant_matmul_triton(x, q, s, b, bits, cfg)
         ref = _ref(bits)(x.float(), q, s, None if b is None else b.float())
+        if accumulate:
+            before = torch.randn(1, n, device="cuda").to(dtype)
+            y = quant_matmul_triton(x, q, s, b, bits, cfg, accumulate=before.clone())
+            ref = ref + before.float()
+        else:
+            y = quant_matmul_triton(x, q, s, b, bits, cfg)
         assert y.shape == (1, n) and y.dtype == dtype
         assert_close_rel(y.float(), ref, TOL[dtype])
 

@@ -76,7 +76,9 @@ def _config(m, kernel, split=None, prefetch=2, block_n=None, block_k=128):
     return TileConfig(block_m, block_n or 32, 4, 2, split, "dot", prefetch, block_k)
 
 
-def _triton_case(device, dtype, bits, m, n, k, group, bias, config=None, calls=1):
+def _triton_case(device, dtype, bits, m, n, k, group, bias, config=None, calls=1, accumulate=False):
+    """The kernel against the fp32 reference; with `accumulate` the product is added into a
+    tensor of earlier values (a residual stream) in place."""
     from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
     w = torch.randn(n, k, device=device) * 0.05
@@ -84,8 +86,15 @@ def _triton_case(device, dtype, bits, m, n, k, group, bias, config=None, calls=1
     b = torch.randn(n, device=device).to(dtype) if bias else None
     for _ in range(calls):  # split-K arrival counters must be back at zero for the next call
         x = torch.randn(m, k, device=device).to(dtype)
-        y = quant_matmul_triton(x, q, s, b, bits, config)
         ref = (int8_matmul_ref if bits == 8 else int4_matmul_ref)(x.float(), q, s, None if b is None else b.float())
+        if accumulate:
+            before = torch.randn(m, n, device=device).to(dtype) * 4
+            target = before.clone()
+            y = quant_matmul_triton(x, q, s, b, bits, config, accumulate=target)
+            assert y.data_ptr() == target.data_ptr()
+            ref = ref + before.float()
+        else:
+            y = quant_matmul_triton(x, q, s, b, bits, config)
         assert y.shape == (m, n) and y.dtype == dtype
         assert_close_rel(y.float(), ref, TOL[dtype])
 
@@ -109,6 +118,27 @@ def test_int4_gemv_cpu(m, split, bias, prefetch, group):
 def test_int8_triton_cpu(kernel, m, split, bias):
     require_backend("cpu")
     _triton_case("cpu", torch.float16, 8, m, 80, 384, None, bias, _config(m, kernel, split), calls=2)
+
+
+@pytest.mark.parametrize("bits,kernel,m,split", [(4, "gemv", 1, 1), (4, "gemv", 2, 3), (4, "dot", 3, 2),
+                                                  (8, "gemv", 1, 2), (8, "dot", 20, 1)])
+def test_triton_cpu_accumulates_into_the_output(bits, kernel, m, split):
+    """out += x W^T in place (the residual add of a folded layer), with and without split K."""
+    require_backend("cpu")
+    _triton_case("cpu", torch.float16, bits, m, 80, 256, 64 if bits == 4 else None, m == 2,
+                 _config(m, kernel, split), calls=2, accumulate=True)
+
+
+def test_dispatchers_accumulate_on_the_cpu():
+    """The torch references add into `accumulate` in fp32 and round once."""
+    w, x = torch.randn(40, 128), torch.randn(3, 128, dtype=torch.bfloat16)
+    before = torch.randn(3, 40, dtype=torch.bfloat16)
+    for q, s, fn, deq in ((*quantize_int8(w), int8_matmul, dequantize_int8),
+                          (*quantize_int4(w, 64), int4_matmul, dequantize_int4)):
+        target = before.clone()
+        assert fn(x, q, s, accumulate=target) is target
+        want = (before.float() + F.linear(x.float(), deq(q, s))).to(torch.bfloat16)
+        assert torch.equal(target, want)
 
 
 def test_int8_gemv_cpu_step_not_dividing_k():
@@ -167,7 +197,7 @@ def test_kernel_variants_gpu(kernel, m, bits, group, split, prefetch, block_n):
     """The variants a benchmark sweep may select, at a real shape, twice (split counters reset)."""
     require_backend("cuda")
     cfg = _config(m, kernel, split, prefetch, block_n)
-    _triton_case("cuda", torch.bfloat16, bits, m, 3072, 4096, group, m != 1, cfg, calls=2)
+    _triton_case("cuda", torch.bfloat16, bits, m, 3072, 4096, group, m != 1, cfg, calls=2, accumulate=m < 4)
 
 
 @pytest.mark.gpu
