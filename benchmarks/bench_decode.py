@@ -53,9 +53,20 @@ REQUEST_IDS = itertools.count()
 def build(shape: str, dtype: str, device: str, seed: int) -> torch.nn.Module:
     model = random_model(shape, torch.bfloat16, device, seed)
     if BITS[dtype]:
-        quantize_model(model, BITS[dtype], group_size=128 if model.config.hidden_size % 128 == 0 else 32)
+        # As `ember quantize` does by default: norm weights folded in first (random models' are 1 already).
+        quantize_model(model, BITS[dtype], group_size=128 if model.config.hidden_size % 128 == 0 else 32,
+                       fold_norms=True)
         release()
     return model
+
+
+def uses_pdl(device: str) -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch here (EMBER_PDL)."""
+    if not device.startswith("cuda"):
+        return False
+    from engine.kernels._triton_util import pdl_launch
+
+    return pdl_launch(torch.device(device))["PDL"]
 
 
 def make_engine(model, device: str, enforce_eager: bool = False) -> Engine:
@@ -200,6 +211,8 @@ def bench_shape(shape: str, args, bandwidth: float) -> list[dict]:
             "graph_batch_sizes": engine.runner.graphs.sizes if engine.runner.graphs else [],
             "phase_ms_per_step": timer.per_step_ms(steps), "runs": result["runs"],
             "overlap_decode": engine.overlap, "overlapped_steps": engine.stats().overlapped_steps,
+            "norms_folded": engine.runner.norms_folded,
+            "pdl": uses_pdl(args.device),
         }
         del engine, timer
         release()

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (GPTQ)")
     p.add_argument("--device", default="cpu", help="where GPTQ runs the model and its solves, e.g. cuda")
+    p.add_argument("--no-fold-norms", action="store_true",
+                   help="keep the layer norms' weights as they are (by default they are folded into the "
+                        "projections before quantizing, so the server can skip the norm kernels)")
     p.set_defaults(func=run_quantize)
 
 
@@ -31,6 +34,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise SystemExit("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.dtype, skip,
                               calibration_text=args.calib, calibration_samples=args.calib_samples,
-                              calibration_seq_len=args.calib_seq_len, device=args.device)
+                              calibration_seq_len=args.calib_seq_len, device=args.device,
+                              fold_norms=not args.no_fold_norms)
     print(f"wrote {args.bits}-bit checkpoint ({'GPTQ' if args.calib else 'round to nearest'}) to {out}")
     return 0

@@ -10,11 +10,14 @@ residual adds move into the o_proj and down_proj matmuls (addmm_ in place: the r
 matmul's C operand, beta = 1), so layers hand each other one plain residual tensor. A decode step then
 launches two kernels fewer a layer (the final norm before lm_head stays).
 
-When it applies (`can_fold`): every layer dense (Attention + MLP, plain nn.Linear projections)
-without biases (a bias would be scaled by r as well). Adapters are never folded: an adapter's A
-reads the normalized input, so the runner keeps the plain fusion (engine/fusion.py) when it
-serves them, and quantized projections cannot take a column scale (int4 group scales run along
-K), so they keep it too.
+When it applies (`can_fold`): every layer dense (Attention + MLP) without biases (a bias would
+be scaled by r as well), its projections plain nn.Linear or weight-only quantized (QuantLinear).
+Quantized projections cannot take a column scale at load (int4 group scales run along K), so a
+quantized layer folds only when the norms before it weigh 1 everywhere: `ember quantize` folds g
+into the dense weights before it quantizes them (`fold_norm_weights`, on by default), which leaves
+exactly that. A quantized residual add runs in the int8/int4 kernel's epilogue (`accumulate`).
+Adapters are never folded: an adapter's A reads the normalized input, so the runner keeps the
+plain fusion (engine/fusion.py) when it serves them.
 
 Rounding differs from the unfused model in where it happens, not in how much: W diag(g) is
 rounded once to the weight dtype (the unfused model rounds x r, then g (x r)), the matmul output
@@ -32,6 +35,7 @@ from engine.fusion import FusedRMSNorm, merge_linears, split_qkv
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.rmsnorm import rms_scale
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
+from engine.quant import QuantLinear
 
 
 def folding_enabled() -> bool:
@@ -39,28 +43,81 @@ def folding_enabled() -> bool:
     return env_switch("EMBER_FOLD_NORMS") is not False
 
 
+def _dense_layers(model: nn.Module) -> bool:
+    """Whether every decoder layer (folded ones aside) is a DecoderLayer with Attention and an MLP."""
+    return all(isinstance(layer, FoldedDecoderLayer) or (
+        isinstance(layer, DecoderLayer) and isinstance(layer.self_attn, Attention)
+        and isinstance(getattr(layer, "mlp", None), MLP)) for layer in model.model.layers)
+
+
+def _norm_inputs(layer: DecoderLayer) -> list[tuple[RMSNorm, list[nn.Module]]]:
+    """Each norm of a dense layer with the projections that read its output."""
+    a, m = layer.self_attn, layer.mlp
+    return [(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]),
+            (layer.post_attention_layernorm, [m.gate_proj, m.up_proj])]
+
+
+def _foldable(projections: list[nn.Module], norm: RMSNorm) -> bool:
+    """Bias-free and all plain nn.Linear (the norm folds into the columns), or all quantized
+    behind a norm that weighs 1 everywhere (nothing left to fold)."""
+    if any(p.bias is not None for p in projections):
+        return False
+    if all(type(p) is nn.Linear for p in projections):
+        return True
+    return all(isinstance(p, QuantLinear) for p in projections) and bool((norm.weight == 1).all())
+
+
 def can_fold(model: nn.Module) -> bool:
-    """Whether every decoder layer is dense, bias-free and built from plain nn.Linear projections."""
+    """Whether every decoder layer is dense and bias-free, with projections as `_foldable` says."""
+    if not _dense_layers(model):
+        return False
     for layer in model.model.layers:
         if isinstance(layer, FoldedDecoderLayer):
             continue
-        if not (isinstance(layer, DecoderLayer) and isinstance(layer.self_attn, Attention)
-                and isinstance(getattr(layer, "mlp", None), MLP)):
-            return False
         a, m = layer.self_attn, layer.mlp
-        for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            if type(proj) is not nn.Linear or proj.bias is not None:
-                return False
+        if not all(_foldable(projs, norm) for norm, projs in _norm_inputs(layer)):
+            return False
+        if not all(type(p) in (nn.Linear, QuantLinear) and p.bias is None for p in (a.o_proj, m.down_proj)):
+            return False
     return isinstance(model.model.norm, (RMSNorm, FusedRMSNorm))
 
 
-def _folded(projections: list[nn.Linear], norm: RMSNorm) -> nn.Linear:
-    """One merged projection whose columns are scaled by the norm's weight (rounded once)."""
+def fold_norm_weights(model: nn.Module) -> nn.Module:
+    """Before quantizing: scale the columns of the projections that read each layer norm by the
+    norm's weight, and set that weight to 1 (the same function; `ember quantize` does this so the
+    quantized layers can be served folded). Needs dense layers of plain nn.Linear projections."""
+    if not _dense_layers(model) or any(isinstance(layer, FoldedDecoderLayer) for layer in model.model.layers):
+        raise ValueError("folding norm weights needs dense (non-MoE) decoder layers")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, projections in _norm_inputs(layer):
+                if any(type(p) is not nn.Linear for p in projections):
+                    raise ValueError("folding norm weights needs plain nn.Linear projections (not yet quantized)")
+                g = norm.weight.float()
+                for p in projections:
+                    p.weight.copy_(p.weight.float() * g[None, :])
+                norm.weight.fill_(1.0)
+    return model
+
+
+def _folded(projections: list[nn.Module], norm: RMSNorm) -> nn.Module:
+    """One merged projection whose columns are scaled by the norm's weight (rounded once); quantized
+    projections are merged as they are (`_foldable`: their norm weighs 1)."""
     merged = merge_linears(projections)
+    if isinstance(merged, QuantLinear):
+        return merged
     w = merged.weight.detach()
     merged.weight = nn.Parameter((w.float() * norm.weight.detach().float()[None, :]).to(w.dtype),
                                  requires_grad=False)
     return merged
+
+
+def add_projection_(residual: torch.Tensor, x: torch.Tensor, proj: nn.Module) -> None:
+    """residual [N, d] += proj(x [N, k]) in place, rounded once (no copy of the residual first)."""
+    if isinstance(proj, QuantLinear):
+        proj.forward_add_(x, residual)
+    else:
+        residual.addmm_(x, proj.weight.t())
 
 
 class FoldedDecoderLayer(nn.Module):
@@ -100,9 +157,9 @@ class FoldedDecoderLayer(nn.Module):
         b, t, d = x.shape
         out = self._attend(x, cos, sin, attn).reshape(b * t, -1)
         x2 = x.view(b * t, d)
-        x2.addmm_(out, self.o_proj.weight.t())  # x += o_proj(out), rounded once
+        add_projection_(x2, out, self.o_proj)  # x += o_proj(out)
         h = silu_and_mul(self.gate_up_proj(x2), rms_source=x2, eps=self.mlp_eps)
-        x2.addmm_(h, self.down_proj.weight.t())
+        add_projection_(x2, h, self.down_proj)
         return x
 
 
@@ -110,7 +167,8 @@ def fold_norms(model: nn.Module) -> nn.Module:
     """Fold every layer's norms in place (callers check `can_fold` first; a no-op on folded layers);
     the final norm runs the fused kernel. Returns the model."""
     if not can_fold(model):
-        raise ValueError("norm folding needs dense, bias-free nn.Linear layers (see engine/norm_folding.py)")
+        raise ValueError("norm folding needs dense, bias-free layers of nn.Linear projections, or quantized ones "
+                         "behind unit norm weights (see engine/norm_folding.py)")
     stack = model.model
     for i, layer in enumerate(stack.layers):
         if not isinstance(layer, FoldedDecoderLayer):

@@ -18,8 +18,13 @@ A quantized checkpoint is a normal Hugging Face directory whose config.json carr
         "group_size": 128,              # 32, 64 or 128 for 4-bit; null for 8-bit (per channel)
         "symmetric": true,              # codes stand for c - 8 (4-bit) or c (8-bit), no zero points
         "modules_to_not_convert": ["lm_head"],  # left in floating point (names or name suffixes)
-        "algorithm": "rtn"              # how the codes were chosen ("rtn" or "gptq"); informational
-    }
+        "algorithm": "rtn",             # how the codes were chosen ("rtn" or "gptq"); informational
+        "norms_folded": true            # the layer norms' weights were folded into the projections
+    }                                   # before quantizing (their weights are 1); informational
+
+Folding the norms first (engine/norm_folding.fold_norm_weights; `ember quantize` does it unless
+told not to) leaves the same function and lets `ember serve` run the quantized layers without
+norm kernels (engine/norm_folding.py).
 
 engine/checkpoint.load_model calls apply_quantization(model, config) on the empty model before
 filling in the tensors; `ember quantize` runs quantize_checkpoint.
@@ -100,6 +105,11 @@ class QuantLinear(nn.Module):
         matmul = int8_matmul if self.bits == 8 else int4_matmul
         return matmul(x, self.qweight, self.scales, self.bias)
 
+    def forward_add_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out += self(x) in place (rounded once, in the kernel's epilogue); returns out."""
+        matmul = int8_matmul if self.bits == 8 else int4_matmul
+        return matmul(x, self.qweight, self.scales, self.bias, accumulate=out)
+
     def extra_repr(self) -> str:
         scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, bias={self.bias is not None}"
@@ -171,21 +181,26 @@ def _swap_gptq(model: nn.Module, bits: int, group_size: int | None, skip: list[s
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
                    modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
-                   calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                   calibration: list[torch.Tensor] | None = None, fold_norms: bool = False) -> dict[str, Any]:
     """Quantize `model`'s linear layers in place; returns its quantization_config.
 
     Round to nearest, or GPTQ when `calibration` (token-id batches [B, T] on the model's device) is given.
+    fold_norms first moves the layer norms' weights into the projections that read them.
     """
     group_size = group_size if bits == 4 else None
     _check_scheme(bits, group_size)
     skip = list(modules_to_not_convert)
+    if fold_norms:
+        from engine.norm_folding import fold_norm_weights
+
+        fold_norm_weights(model)
     with torch.no_grad():
         if calibration:
             _swap_gptq(model, bits, group_size, skip, calibration)
         else:
             _swap(model, bits, group_size, skip)
     return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "symmetric": True,
-            "modules_to_not_convert": skip, "algorithm": "gptq" if calibration else "rtn"}
+            "modules_to_not_convert": skip, "algorithm": "gptq" if calibration else "rtn", "norms_folded": fold_norms}
 
 
 def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) -> list[str]:
@@ -226,9 +241,9 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         group_size: int | None = 128, dtype: str | torch.dtype | None = None,
                         modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
                         calibration_text: str | os.PathLike | None = None, calibration_samples: int = 128,
-                        calibration_seq_len: int = 512, device: str = "cpu") -> Path:
-    """Read a floating-point checkpoint, quantize it (round to nearest, or GPTQ with a calibration text),
-    write a quantized checkpoint (tokenizer included)."""
+                        calibration_seq_len: int = 512, device: str = "cpu", fold_norms: bool = True) -> Path:
+    """Read a floating-point checkpoint, quantize it (round to nearest, or GPTQ with a calibration text;
+    norms folded first unless fold_norms is False), write a quantized checkpoint (tokenizer included)."""
     from engine.checkpoint import load_config, load_model, save_model
 
     if Path(out_dir).resolve() == Path(model_dir).resolve():
@@ -244,6 +259,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     model, config = load_model(model_dir, dtype=dtype, device=device)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError(f"{model_dir} is already quantized")
-    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert, calibration)
+    if fold_norms:
+        from engine.norm_folding import can_fold
+
+        fold_norms = can_fold(model)  # dense, bias-free layers only (MoE or biased models stay as they are)
+    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert, calibration, fold_norms)
     return save_model(model.cpu(), config, out_dir, tokenizer_dir=model_dir,
                       extra_config={"quantization_config": qcfg})

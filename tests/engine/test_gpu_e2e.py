@@ -139,7 +139,10 @@ def _two_steps(runner: ModelRunner, prompts, nxt):
     return torch.cat([first, second])
 
 
-def test_bf16_logits_match_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_bf16_logits_match_the_torch_path(bits, monkeypatch):
+    """bf16 (and int4, whose unit norms let the fast path fold them: residual adds in the int4
+    kernel's epilogue) against an fp32 reference, no further from it than the torch path."""
     base = _bf16_model()
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (100, 37)]
@@ -150,6 +153,8 @@ def test_bf16_logits_match_the_torch_path(monkeypatch):
         ref = [ref_model(torch.tensor([p + [t]], device="cuda"))[0].float() for p, t in zip(prompts, nxt)]
     ref = torch.cat([ref[0][:-1], ref[1][:-1], ref[0][-1:], ref[1][-1:]])
     del ref_model
+    if bits:
+        quantize_model(base, bits, group_size=128)
 
     def runner(model):
         cfg = EngineConfig(device="cuda", max_model_len=256, block_size=16, kv_cache_tokens=16 * 32, max_num_seqs=4)
@@ -161,7 +166,7 @@ def test_bf16_logits_match_the_torch_path(monkeypatch):
     torch_logits = _two_steps(runner(copy.deepcopy(base)), prompts, nxt)
     monkeypatch.delenv("EMBER_DISABLE_TRITON")
     fast = runner(base)
-    assert fast.graphs is not None  # the decode step replays a graph
+    assert fast.graphs is not None and fast.norms_folded  # the decode step replays a graph
     fast_logits = _two_steps(fast, prompts, nxt)
 
     scale = ref.abs().max().item()

@@ -7,7 +7,7 @@ import torch
 from engine.config import ModelConfig
 from engine.kernels.testing import assert_close_rel
 from engine.model import Transformer
-from engine.norm_folding import FoldedDecoderLayer, can_fold, fold_norms
+from engine.norm_folding import FoldedDecoderLayer, can_fold, fold_norm_weights, fold_norms
 from engine.quant import quantize_model
 
 
@@ -57,6 +57,39 @@ def test_fold_applies_only_to_dense_bias_free_linear_layers():
     assert not can_fold(_model(3, num_local_experts=2, num_experts_per_tok=1))
     quantized = _model(3)
     quantize_model(quantized, 8)
-    assert not can_fold(quantized)
+    assert not can_fold(quantized)  # its norms weigh other than 1: nothing can absorb them
     with pytest.raises(ValueError, match="dense, bias-free"):
         fold_norms(quantized)
+    with pytest.raises(ValueError, match="not yet quantized"):
+        fold_norm_weights(quantized)
+    with pytest.raises(ValueError, match="dense"):
+        fold_norm_weights(_model(3, num_local_experts=2, num_experts_per_tok=1))
+
+
+def test_norm_weights_folded_before_quantizing_keep_the_function():
+    model = _model(4)
+    moved = fold_norm_weights(copy.deepcopy(model))
+    assert all((layer.input_layernorm.weight == 1).all() and (layer.post_attention_layernorm.weight == 1).all()
+               for layer in moved.model.layers)
+    ids = torch.randint(0, 96, (2, 19))
+    with torch.no_grad():
+        assert_close_rel(moved(ids), model(ids), 1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_fold_behind_unit_norms(bits):
+    """Quantized after fold_norm_weights: served folded (no norm kernels, residual adds in the
+    matmul epilogue), the logits are the unfolded quantized model's."""
+    model = fold_norm_weights(_model(5, hidden_size=128, intermediate_size=256))
+    quantize_model(model, bits, group_size=64)
+    assert can_fold(model)
+    folded = fold_norms(copy.deepcopy(model))
+    assert all(isinstance(layer, FoldedDecoderLayer) for layer in folded.model.layers)
+    ids = torch.randint(0, 96, (2, 23))
+    with torch.no_grad():
+        want, got = model(ids), folded(ids)
+    assert_close_rel(got, want, 1e-4)
+    assert not torch.equal(got, want)
+    with torch.no_grad():  # one norm that is not all ones any more: that layer cannot fold
+        model.model.layers[1].post_attention_layernorm.weight[3] = 1.5
+    assert not can_fold(model)

@@ -39,7 +39,7 @@ def test_quantize_model_keeps_names_and_documented_keys():
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = quantize_model(model, 4, 32, modules_to_not_convert=["3"])
     assert qcfg == {"quant_method": "ember", "bits": 4, "group_size": 32, "symmetric": True,
-                    "modules_to_not_convert": ["3"], "algorithm": "rtn"}
+                    "modules_to_not_convert": ["3"], "algorithm": "rtn", "norms_folded": False}
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert isinstance(model[3], nn.Linear)  # skipped by name
     keys = set(model.state_dict())
@@ -83,19 +83,28 @@ def _tiny_checkpoint(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = Transformer(config)
     model.init_weights(int(torch.randint(0, 2**31, ()).item()))
+    with torch.no_grad():  # trained norms weigh other than 1
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
     save_model(model, config, tmp_path / "fp")
     return model.eval(), tmp_path / "fp"
 
 
-@pytest.mark.parametrize("bits,group,tol", [(8, None, 0.03), (4, 32, 0.25)])
-def test_quantized_checkpoint_round_trip(tmp_path, bits, group, tol):
+@pytest.mark.parametrize("bits,group,tol,fold", [(8, None, 0.03, True), (4, 32, 0.25, True), (4, 32, 0.25, False)])
+def test_quantized_checkpoint_round_trip(tmp_path, bits, group, tol, fold):
     from engine.checkpoint import load_model
+    from engine.norm_folding import can_fold
 
     model, fp_dir = _tiny_checkpoint(tmp_path)
-    out = quantize_checkpoint(fp_dir, tmp_path / "q", bits, group)
+    out = quantize_checkpoint(fp_dir, tmp_path / "q", bits, group, fold_norms=fold)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["bits"] == bits and cfg["group_size"] == group and "lm_head" in cfg["modules_to_not_convert"]
+    assert cfg["norms_folded"] is fold
     qmodel, _ = load_model(out)
+    # Folded norm weights are 1 in the checkpoint, so the server can fold the quantized layers.
+    assert can_fold(qmodel) is fold
+    assert bool((qmodel.model.layers[0].input_layernorm.weight == 1).all()) is fold
     layer = qmodel.model.layers[1].mlp.down_proj
     assert isinstance(layer, QuantLinear) and layer.bits == bits
     assert isinstance(qmodel.lm_head, nn.Linear)
