@@ -194,6 +194,9 @@ def quant_candidates(bits: int, m: int) -> list:
                     T(1, 64, 2, 1, waves=6, **h2), T(1, 32, 1, 1, waves=6, **h2), T(1, 32, 1, 1, waves=12, **h2),
                     T(1, 64, 1, 1, waves=4, **h2), T(1, 64, 1, 1, waves=8, **h2), T(1, 128, 2, 1, waves=3, **h2),
                     T(1, 128, 2, 1, waves=6, **h2), T(1, 256, 4, 1, waves=3, **h2), T(1, 128, 4, 1, waves=4, **h2)]
+            # A three-step ring (prefetch=3): more bytes in flight a program at ~168 registers.
+            out += [T(1, 64, 2, 1, waves=6, prefetch=3, **h2), T(1, 64, 2, 1, waves=8, prefetch=3, **h2),
+                    T(1, 128, 4, 1, waves=4, prefetch=3, **h2), T(1, 32, 1, 1, waves=8, prefetch=3, **h2)]
         else:
             out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 64, 4, 1, block_k=256, **gemv),
                     T(1, 128, 8, 1, **gemv)]
@@ -202,7 +205,8 @@ def quant_candidates(bits: int, m: int) -> list:
             h2 = dict(kernel="gemv_h2")
             out += [T(1, 128, 2, 1, waves=3, **h2), T(1, 128, 2, 1, waves=6, **h2), T(1, 256, 4, 1, waves=3, **h2),
                     T(1, 64, 1, 1, waves=4, **h2), T(1, 64, 1, 1, waves=8, **h2), T(1, 64, 2, 1, waves=4, **h2),
-                    T(1, 64, 2, 1, waves=8, **h2), T(1, 32, 1, 1, waves=8, **h2), T(1, 128, 4, 1, waves=4, **h2)]
+                    T(1, 64, 2, 1, waves=8, **h2), T(1, 32, 1, 1, waves=8, **h2), T(1, 128, 4, 1, waves=4, **h2),
+                    T(1, 64, 1, 1, waves=8, prefetch=3, **h2), T(1, 128, 2, 1, waves=6, prefetch=3, **h2)]
     elif m <= 4:  # four activation rows: wider tiles spill registers
         out += [T(4, 64, 4, 1, **gemv), T(4, 128, 8, 1, **gemv)]
     if m <= 16:

@@ -41,7 +41,7 @@ DIV16 = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "q_ptr", "k_cache_ptr
 
 def _cases():
     from engine.kernels.paged_decode_triton import _decode_kernel
-    from engine.kernels.quant_gemv_h2_triton import PRE_COLS, UNROLL, _gemv_h2_kernel
+    from engine.kernels.quant_gemv_h2_triton import PRE_COLS, _gemv_h2_kernel
     from engine.kernels.quant_gemv_triton import _gemv_kernel
     from engine.kernels.quant_matmul_triton import _int4_dot_kernel, _int8_dot_kernel
     from engine.kernels.quant_mma_triton import _int4_mma_kernel
@@ -51,10 +51,10 @@ def _cases():
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
                                          PREFETCH=2), warps, 1, bn * words * 4)
 
-    def gemv_h2(bn, warps, bits=4):  # the hot loop is UNROLL steps of 16 words (64 bytes) a row
+    def gemv_h2(bn, warps, bits=4, depth=2):  # the hot loop is depth + 1 steps of 16 words (64 bytes) a row
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
-                                            SKIND=0, PRE=PRE_COLS, UNROLL=UNROLL, EMULATE=False), warps, 1,
-                bn * 64 * UNROLL)
+                                            SKIND=0, PRE=PRE_COLS, DEPTH=depth, EMULATE=False), warps, 1,
+                bn * 64 * (depth + 1))
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -102,6 +102,8 @@ def _cases():
         "int4_gemv_h2_m1_n256_w4": gemv_h2(256, 4), "int4_gemv_h2_m1_n128_w2": gemv_h2(128, 2),
         "int4_gemv_h2_m1_n128_w4": gemv_h2(128, 4), "int4_gemv_h2_m1_n64_w2": gemv_h2(64, 2),
         "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8), "int4_gemv_h2_m1_n32_w1": gemv_h2(32, 1),
+        "int4_gemv_h2_m1_n64_w2_d3": gemv_h2(64, 2, depth=3), "int4_gemv_h2_m1_n128_w4_d3": gemv_h2(128, 4, depth=3),
+        "int8_gemv_h2_m1_n64_w1_d3": gemv_h2(64, 1, 8, depth=3),
         "int8_gemv_h2_m1_n256_w4": gemv_h2(256, 4, 8), "int8_gemv_h2_m1_n128_w2": gemv_h2(128, 2, 8),
         "int8_gemv_h2_m1_n128_w4": gemv_h2(128, 4, 8), "int8_gemv_h2_m1_n64_w2": gemv_h2(64, 2, 8),
         "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),

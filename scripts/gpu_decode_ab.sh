@@ -4,7 +4,7 @@
 #   1. GPU tests of the decode path's kernels and the engine end to end
 #   2. batch-1 decode, 1B and 8B shapes, with the switch under test off and on (one process each)
 #   3. the 1B and 8B decode graphs' kernel tables (the switch on), for each dtype in PROFILE_DTYPES
-# Usage: [DTYPES=bf16,int8,int4] [PROFILE_DTYPES=bf16 (none: "")] [REPEATS=3] [SKIP_TESTS=1]
+# Usage: [DTYPES=bf16,int8,int4] [PROFILE_DTYPES=bf16 (none: "")] [REPEATS=3] [SKIP_TESTS=1] [TESTS="paths"]
 #        scripts/gpu_decode_ab.sh OUTDIR SWITCH
 #   (SWITCH e.g. EMBER_FOLD_NORMS or EMBER_PDL; default on = 1, off = 0)
 set -uo pipefail
@@ -17,10 +17,11 @@ export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short H
 start=$(date +%s)
 phase() { echo "== $1 at $(( $(date +%s) - start )) s" | tee -a "$out/phases.txt"; }
 
-[ -n "${SKIP_TESTS:-}" ] || { phase tests; timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_rope.py \
-  tests/engine/kernels/test_norm_activation.py tests/engine/kernels/test_paged_attention.py \
-  tests/engine/kernels/test_quant_gemv_h2.py tests/engine/kernels/test_quant_matmul.py \
-  tests/engine/test_gpu_e2e.py tests/engine/test_engine.py tests/engine/test_cuda_graphs.py \
+tests=${TESTS:-tests/engine/kernels/test_rope.py tests/engine/kernels/test_norm_activation.py \
+  tests/engine/kernels/test_paged_attention.py tests/engine/kernels/test_quant_gemv_h2.py \
+  tests/engine/kernels/test_quant_matmul.py tests/engine/test_gpu_e2e.py tests/engine/test_engine.py \
+  tests/engine/test_cuda_graphs.py}
+[ -n "${SKIP_TESTS:-}" ] || { phase tests; timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider $tests \
   2>&1 | tail -40 | tee "$out/pytest_gpu.txt"; }
 
 for v in 0 1; do

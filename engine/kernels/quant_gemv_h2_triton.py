@@ -69,7 +69,9 @@ from engine.kernels._triton_util import INTERPRET, pdl_launch, wait_for_inputs
 from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
 
 PRE_COLS = 2048  # activation columns per iteration of the max-abs pre-pass
-UNROLL = 3  # with a two-step ring, 3 copies of the loop body rotate its registers in place
+RING_DEPTHS = (2, 3)  # steps of weights and scales in flight ahead of the one being computed
+# The loop is unrolled DEPTH + 1 times: that many copies of its body rotate the ring's registers
+# in place (no moves).
 INT8_STEP = 64  # int8 columns a step: 16 words a row, a thread's 16-byte load is 4 of them
 INT8_TOP = 4  # int8 slices are scaled to max |x| in [2^(TOP-1), 2^TOP) (see the docstring)
 TOP8 = tl.constexpr(INT8_TOP)
@@ -385,7 +387,7 @@ def _gemv_h2_kernel(
     M, N, steps, steps_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+    XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
@@ -408,25 +410,37 @@ def _gemv_h2_kernel(
     first = pid_k * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     end = last - 1
-    # The ring's first two steps are requested before the pre-pass, whose latency they overlap
+    # The ring's first DEPTH steps are requested before the pre-pass, whose latency they overlap
     # (and, under programmatic dependent launch, before the wait for the previous kernel).
     w_a = tl.load(w_ptrs + first * WORDS)
     w_b = tl.load(w_ptrs + tl.minimum(first + 1, end) * WORDS)
+    if DEPTH == 3:
+        w_c = tl.load(w_ptrs + tl.minimum(first + 2, end) * WORDS)
     if BITS == 4:
         s_a = _load_scales(s_ptrs + first, SKIND, EMULATE)
         s_b = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
+        if DEPTH == 3:
+            s_c = _load_scales(s_ptrs + tl.minimum(first + 2, end), SKIND, EMULATE)
     wait_for_inputs(PDL)
     scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
 
     acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
-    for st in tl.range(first, last, loop_unroll_factor=UNROLL):
+    for st in tl.range(first, last, loop_unroll_factor=DEPTH + 1):
         wv = w_a
         w_a = w_b
-        w_b = tl.load(w_ptrs + tl.minimum(st + 2, end) * WORDS)
+        if DEPTH == 3:
+            w_b = w_c
+            w_c = tl.load(w_ptrs + tl.minimum(st + 3, end) * WORDS)
+        else:
+            w_b = tl.load(w_ptrs + tl.minimum(st + 2, end) * WORDS)
         if BITS == 4:
             sv = s_a
             s_a = s_b
-            s_b = _load_scales(s_ptrs + tl.minimum(st + 2, end), SKIND, EMULATE)
+            if DEPTH == 3:
+                s_b = s_c
+                s_c = _load_scales(s_ptrs + tl.minimum(st + 3, end), SKIND, EMULATE)
+            else:
+                s_b = _load_scales(s_ptrs + tl.minimum(st + 2, end), SKIND, EMULATE)
             acc += _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv
         else:
             acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
@@ -461,11 +475,13 @@ def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
 
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
-            emulate: bool = False, bits: int = 4, accumulate: bool = False) -> torch.Tensor:
+            emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2) -> torch.Tensor:
     """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
     int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
     `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
-    emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out."""
+    emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out;
+    depth: steps in flight ahead of the one computed (RING_DEPTHS)."""
+    assert depth in RING_DEPTHS, depth
     m, k = x2.shape
     n_out = words.shape[0]
     steps = gemv_h2_steps(k, scales, bits)
@@ -479,7 +495,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, UNROLL=UNROLL,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, DEPTH=depth,
         EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device),
     )
     return out

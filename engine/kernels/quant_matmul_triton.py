@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._triton_util import dot_precision, num_sms, pdl_launch, wait_for_inputs
-from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps, gemv_h2_supported
+from engine.kernels.quant_gemv_h2_triton import RING_DEPTHS, gemv_h2, gemv_h2_steps, gemv_h2_supported
 from engine.kernels.quant_gemv_triton import MAGIC7, _gemv_kernel
 from engine.kernels.quant_mma_triton import int4_mma, mma_supported
 from engine.kernels.quant_split_triton import split_fixup, split_scratch, store_rows
@@ -256,7 +256,7 @@ def quant_matmul_triton(
             steps = gemv_h2_steps(k, scales, bits)
             split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
             gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits,
-                    accumulate=accumulate is not None)
+                    accumulate=accumulate is not None, depth=cfg.prefetch if cfg.prefetch in RING_DEPTHS else 2)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma":

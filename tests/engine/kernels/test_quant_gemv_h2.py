@@ -78,7 +78,7 @@ def test_emulation_pairing_is_exact_on_one_column():
 
 # --- the kernel under the interpreter --------------------------------------------------------
 
-def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate=False):
+def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate=False, depth=2):
     from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps
 
     steps = gemv_h2_steps(x.shape[1], s, bits)
@@ -87,7 +87,7 @@ def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate
     if out is None:
         out = torch.full((x.shape[0], q.shape[0]), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
     return gemv_h2(x, q.view(torch.int32), s, bias, out, block_n, warps, split, per_split,
-                   emulate=x.device.type == "cpu", bits=bits, accumulate=accumulate), per_split
+                   emulate=x.device.type == "cpu", bits=bits, accumulate=accumulate, depth=depth), per_split
 
 
 @pytest.mark.parametrize("dtype,group,split,bias,kind", [
@@ -200,16 +200,17 @@ def test_int8_kernel_interpreter(dtype, n, split, bias, kind):
         assert_close_rel(y.float(), emu.float(), EMU_TOL[dtype])
 
 
-@pytest.mark.parametrize("bits,split", [(4, 1), (4, 3), (8, 2)])
-def test_kernel_interpreter_accumulates_into_the_output(bits, split):
-    """accumulate=True: out += x W^T in place (a folded layer's residual add), split K or not."""
+@pytest.mark.parametrize("bits,split,depth", [(4, 1, 2), (4, 3, 3), (8, 2, 3)])
+def test_kernel_interpreter_accumulates_into_the_output(bits, split, depth):
+    """accumulate=True: out += x W^T in place (a folded layer's residual add), split K or not;
+    rings of depth 2 and 3 (slices of 1-4 steps: the clamped ring re-reads the last step)."""
     require_backend("cpu")
     n, k = 80, 512
     q, s = _weights(n, k, 128, torch.float16) if bits == 4 else _weights8(n, k, torch.float16)
     x = _activations("normal", 2, k).to(torch.float16)
     before = torch.randn(2, n).half() * 4
     out = before.clone()
-    _kernel(x, q, s, None, 64, split, out=out, bits=bits, accumulate=True)
+    _kernel(x, q, s, None, 64, split, out=out, bits=bits, accumulate=True, depth=depth)
     assert_close_rel(out.float(), _ref(bits)(x.float(), q, s) + before.float(), TOL[torch.float16])
 
 
