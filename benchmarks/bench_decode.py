@@ -66,7 +66,7 @@ def uses_pdl(device: str) -> bool:
         return False
     from engine.kernels._triton_util import pdl_launch
 
-    return pdl_launch(torch.device(device))["PDL"]
+    return bool(pdl_launch(torch.device(device))["PDL"])
 
 
 def make_engine(model, device: str, enforce_eager: bool = False) -> Engine:

@@ -44,7 +44,12 @@ def _pdl_device(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and env_switch("EMBER_PDL") is not False
 
 
-def pdl_launch(device: torch.device) -> dict:
+@functools.cache
+def _trigger_override() -> str:
+    return os.environ.get("EMBER_PDL_TRIGGER", "")
+
+
+def pdl_launch(device: torch.device, early_trigger: bool = True) -> dict:
     """Launch arguments for a kernel that starts with `wait_for_inputs(PDL)`.
 
     On Hopper and newer GPUs the kernel is launched with programmatic dependent launch: its programs
@@ -52,16 +57,26 @@ def pdl_launch(device: torch.device) -> dict:
     loads of constant inputs placed before the wait, overlap that kernel's tail), and inside CUDA
     graphs the launch gap between the two shrinks. EMBER_PDL=0 turns it off (read once per process);
     the interpreter and older GPUs always launch normally.
+
+    early_trigger: the kernel lets the next one launch as soon as all its programs have started
+    (small kernels: the next kernel's programs then spread over the idle SMs); otherwise only as its
+    programs exit (GEMVs filling the GPU: a next kernel placed early would land on the SMs that
+    happen to free up first, unevenly). EMBER_PDL_TRIGGER=early|exit overrides (measurements).
     """
     on = device.type == "cuda" and not INTERPRET and _pdl_device(
         device.index if device.index is not None else torch.cuda.current_device())
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    if not on:
+        return {"PDL": 0}
+    override = _trigger_override()
+    early = early_trigger if override not in ("early", "exit") else override == "early"
+    return {"PDL": 1 if early else 2, "launch_pdl": True}
 
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """Under programmatic dependent launch (see pdl_launch): block until the previous kernel has
-    finished and its writes are visible, then let the next kernel launch.
+    """Under programmatic dependent launch (PDL 1 or 2, see pdl_launch): block until the previous
+    kernel has finished and its writes are visible; with PDL 1, then let the next kernel launch
+    (with 2 it launches as this kernel's programs exit).
 
     Everything a kernel reads that an earlier kernel may have written, and everything it writes,
     must come after this call: a write before it could land in memory that the previous kernel is
@@ -70,6 +85,7 @@ def wait_for_inputs(PDL: tl.constexpr):
     """
     if PDL:
         gdc_wait()
+    if PDL == 1:
         gdc_launch_dependents()
 
 

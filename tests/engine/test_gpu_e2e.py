@@ -147,14 +147,15 @@ def test_bf16_logits_match_the_torch_path(bits, monkeypatch):
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (100, 37)]
     nxt = [5, 6]
+    if bits:  # the reference is the quantized model too, in fp32 (the torch references' matmuls)
+        quantize_model(base, bits, group_size=128)
     # fp32 reference through the plain model (contiguous SDPA, no cache): all prompt rows, then the next token.
+    monkeypatch.setenv("EMBER_DISABLE_TRITON", "1")
     ref_model = copy.deepcopy(base).cuda()
     with torch.no_grad():
         ref = [ref_model(torch.tensor([p + [t]], device="cuda"))[0].float() for p, t in zip(prompts, nxt)]
     ref = torch.cat([ref[0][:-1], ref[1][:-1], ref[0][-1:], ref[1][-1:]])
     del ref_model
-    if bits:
-        quantize_model(base, bits, group_size=128)
 
     def runner(model):
         cfg = EngineConfig(device="cuda", max_model_len=256, block_size=16, kv_cache_tokens=16 * 32, max_num_seqs=4)
@@ -162,7 +163,6 @@ def test_bf16_logits_match_the_torch_path(bits, monkeypatch):
         model.inv_freq = rope_inv_freq(model.config).cuda()  # kept in fp32, as load_model does
         return ModelRunner(model, cfg, max_model_len=256)
 
-    monkeypatch.setenv("EMBER_DISABLE_TRITON", "1")
     torch_logits = _two_steps(runner(copy.deepcopy(base)), prompts, nxt)
     monkeypatch.delenv("EMBER_DISABLE_TRITON")
     fast = runner(base)
@@ -195,7 +195,8 @@ def test_programmatic_dependent_launch_changes_no_bit(bits, monkeypatch):
     def logits(pdl: str):
         monkeypatch.setenv("EMBER_PDL", pdl)
         _triton_util._pdl_device.cache_clear()
-        assert _triton_util.pdl_launch(torch.device("cuda"))["PDL"] is (pdl == "1")
+        _triton_util._trigger_override.cache_clear()
+        assert bool(_triton_util.pdl_launch(torch.device("cuda"))["PDL"]) is (pdl == "1")
         cfg = EngineConfig(device="cuda", max_model_len=256, block_size=16, kv_cache_tokens=16 * 32, max_num_seqs=4)
         model = copy.deepcopy(base).to("cuda", torch.bfloat16)
         model.inv_freq = rope_inv_freq(model.config).cuda()
@@ -208,4 +209,5 @@ def test_programmatic_dependent_launch_changes_no_bit(bits, monkeypatch):
         overlapped = logits("1")
     finally:
         _triton_util._pdl_device.cache_clear()
+        _triton_util._trigger_override.cache_clear()
     assert torch.equal(normal, overlapped)
