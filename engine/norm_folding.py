@@ -88,15 +88,15 @@ def fold_norm_weights(model: nn.Module) -> nn.Module:
     quantized layers can be served folded). Needs dense layers of plain nn.Linear projections."""
     if not _dense_layers(model) or any(isinstance(layer, FoldedDecoderLayer) for layer in model.model.layers):
         raise ValueError("folding norm weights needs dense (non-MoE) decoder layers")
+    pairs = [pair for layer in model.model.layers for pair in _norm_inputs(layer)]
+    if any(type(p) is not nn.Linear for _, projections in pairs for p in projections):  # checked before any change
+        raise ValueError("folding norm weights needs plain nn.Linear projections (not yet quantized)")
     with torch.no_grad():
-        for layer in model.model.layers:
-            for norm, projections in _norm_inputs(layer):
-                if any(type(p) is not nn.Linear for p in projections):
-                    raise ValueError("folding norm weights needs plain nn.Linear projections (not yet quantized)")
-                g = norm.weight.float()
-                for p in projections:
-                    p.weight.copy_(p.weight.float() * g[None, :])
-                norm.weight.fill_(1.0)
+        for norm, projections in pairs:
+            g = norm.weight.float()
+            for p in projections:
+                p.weight.copy_(p.weight.float() * g[None, :])
+            norm.weight.fill_(1.0)
     return model
 
 
