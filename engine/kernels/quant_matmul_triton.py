@@ -225,7 +225,7 @@ def quant_matmul_triton(
     """x [..., K] times the quantized W [N, K] transposed -> [..., N] in x's dtype.
 
     With `accumulate` (a [..., N] tensor of x's dtype whose rows view as [M, N] with unit column
-    stride) the product is added into it in place, rounded once, and it is returned.
+    stride, not overlapping x) the product is added into it in place, rounded once, and it is returned.
     """
     from engine.kernels.quant_matmul import dequantize_int4, dequantize_int8
 
