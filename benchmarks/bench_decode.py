@@ -50,12 +50,12 @@ BITS = {"bf16": None, "int8": 8, "int4": 4}
 REQUEST_IDS = itertools.count()
 
 
-def build(shape: str, dtype: str, device: str, seed: int) -> torch.nn.Module:
+def build(shape: str, dtype: str, device: str, seed: int, quantize_head: bool = False) -> torch.nn.Module:
     model = random_model(shape, torch.bfloat16, device, seed)
     if BITS[dtype]:
         # As `ember quantize` does by default: norm weights folded in first (random models' are 1 already).
         quantize_model(model, BITS[dtype], group_size=128 if model.config.hidden_size % 128 == 0 else 32,
-                       fold_norms=True)
+                       modules_to_not_convert=() if quantize_head else ("lm_head",), fold_norms=True)
         release()
     return model
 
@@ -180,7 +180,7 @@ def bench_shape(shape: str, args, bandwidth: float) -> list[dict]:
     rows = []
     hf_result = {}
     for dtype in args.dtypes:
-        model = build(shape, dtype, args.device, args.seed)
+        model = build(shape, dtype, args.device, args.seed, args.quantize_lm_head)
         config = model.config
         if dtype == "bf16" and args.hf_tokens.get(shape, 0) > 0:
             hf = hf_twin(model, shape)
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="new tokens for HF generate per shape, e.g. 1b=128,8b=64 (0 skips it)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="int8/int4 models: quantize lm_head too (as `ember quantize --quantize-lm-head`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="plumbing check on the CPU: tiny shape, few tokens")
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "decode", **run_info(sys.argv), "copy_bandwidth_tbs": bandwidth,
               "settings": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
                            "hf_new_tokens": args.hf_tokens, "batch": 1, "greedy": True, "ignore_eos": True,
-                           "int4_group_size": 128},
+                           "int4_group_size": 128, "quantized_lm_head": args.quantize_lm_head},
               "results": []}
     for shape in args.shapes:
         report["results"] += bench_shape(shape, args, bandwidth)

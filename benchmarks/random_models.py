@@ -93,7 +93,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     emb = model.model.embed_tokens.weight
-    if emb.data_ptr() != model.lm_head.weight.data_ptr():
+    head = model.lm_head
+    if not (isinstance(head, torch.nn.Linear) and emb.data_ptr() == head.weight.data_ptr()):  # not tied
         total -= emb.numel() * emb.element_size()
     return total
 

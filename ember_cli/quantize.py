@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="int4 group size along the input dimension (ignored for 8 bits)")
     p.add_argument("--dtype", default=None, help="dtype of scales and unquantized layers (default: the checkpoint's)")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help="quantize lm_head too (not possible when it shares the embedding)")
+                   help="quantize lm_head too (a head tied to the embedding gets its own quantized copy; "
+                        "the embedding stays in floating point)")
     p.add_argument("--calib", default=None, metavar="TEXT_FILE",
                    help="choose the codes with GPTQ, calibrated on windows of this text (default: round to nearest)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ)")

@@ -31,6 +31,7 @@ filling in the tensors; `ember quantize` runs quantize_checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -249,8 +250,6 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise ValueError("--out must differ from --model")
     source_config = load_config(model_dir)
-    if source_config.tie_word_embeddings and bits in (4, 8):
-        modules_to_not_convert = tuple(set(modules_to_not_convert) | {"lm_head"})  # shared with the embedding
     calibration = None
     if calibration_text is not None:
         seq_len = min(calibration_seq_len, source_config.max_position_embeddings)
@@ -259,6 +258,11 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     model, config = load_model(model_dir, dtype=dtype, device=device)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError(f"{model_dir} is already quantized")
+    if config.tie_word_embeddings and not _skipped("lm_head", modules_to_not_convert):
+        # The head is quantized on its own: the checkpoint gets an untied copy (the embedding,
+        # read one row a token, stays in floating point).
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     if fold_norms:
         from engine.norm_folding import can_fold
 

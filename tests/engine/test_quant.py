@@ -115,6 +115,29 @@ def test_quantized_checkpoint_round_trip(tmp_path, bits, group, tol, fold):
     assert 0 < rel < tol
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_head_of_a_tied_model_gets_its_own_copy(tmp_path, bits):
+    from engine.checkpoint import load_model, save_model
+    from engine.model import Transformer
+
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = Transformer(config)
+    model.init_weights(3)
+    save_model(model, config, tmp_path / "fp")
+    out = quantize_checkpoint(tmp_path / "fp", tmp_path / "q", bits, 32, modules_to_not_convert=())
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False and saved["quantization_config"]["modules_to_not_convert"] == []
+    qmodel, _ = load_model(out)
+    assert isinstance(qmodel.lm_head, QuantLinear) and isinstance(qmodel.model.embed_tokens, nn.Embedding)
+    assert torch.equal(qmodel.model.embed_tokens.weight, model.model.embed_tokens.weight)  # untouched
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ref, got = model.eval()(ids), qmodel(ids)
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < (0.05 if bits == 8 else 0.3)
+
+
 def test_cli_quantize(tmp_path):
     from ember_cli.main import main
 
