@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On a CUDA machine (about 4 minutes on one H200): batch-1 decode of the 1B and 8B shapes under each
+# launch mode, one process per mode, so the modes are compared on one machine in one call:
+#   PDL off / on (small kernels trigger early, GEMVs at exit) / all early / all at exit, norms folded;
+#   norms not folded with PDL off (isolates folding); then the GPU end-to-end tests.
+# Usage: [DTYPES=int4] [REPEATS=1] scripts/gpu_launch_modes.sh OUTDIR
+set -uo pipefail
+out=${1:-out/launch_modes}
+dtypes=${DTYPES:-int4}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
+i=0
+for mode in "EMBER_PDL=0" "EMBER_PDL=1" "EMBER_PDL=1 EMBER_PDL_TRIGGER=early" "EMBER_PDL=1 EMBER_PDL_TRIGGER=exit" \
+            "EMBER_PDL=0 EMBER_FOLD_NORMS=0"; do
+  i=$((i + 1))
+  echo "== $mode" | tee -a "$out/summary.txt"
+  env $mode timeout 150 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes "$dtypes" \
+    --repeats "${REPEATS:-1}" --no-hf --no-eager --out "$out/decode_$i.json" 2>&1 | grep "tok/s" | tee -a "$out/summary.txt"
+done
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu_e2e.py 2>&1 | tail -5 \
+  | tee "$out/pytest_gpu_e2e.txt"
