@@ -12,10 +12,10 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.fusion import FusedAttention, FusedDecoderLayer, FusedMLP, fuse_model
-from engine.kernels import _dispatch, activation, kv_write, paged_attention, rmsnorm, rope
+from engine.kernels import _dispatch, activation, kv_write, paged_attention, quant_matmul, rmsnorm, rope
 from engine.kernels.testing import require_backend
 from engine.model import Transformer
-from engine.norm_folding import FoldedDecoderLayer
+from engine.norm_folding import FoldedDecoderLayer, fold_norm_weights
 from engine.quant import quantize_model
 from engine.sampling import SamplingParams
 
@@ -67,7 +67,7 @@ def _greedy_tokens(engine, prompts, max_tokens):
 
 
 def _force_triton(monkeypatch):
-    for module in (_dispatch, activation, kv_write, paged_attention, rmsnorm, rope):
+    for module in (_dispatch, activation, kv_write, paged_attention, quant_matmul, rmsnorm, rope):
         monkeypatch.setattr(module, "use_triton", lambda *tensors: True)
 
 
@@ -86,3 +86,21 @@ def test_kernel_path_gives_the_torch_path_tokens(monkeypatch, fold):
     assert fast.runner.norms_folded == (fold == "1")
     assert isinstance(fast.model.model.layers[0], FoldedDecoderLayer if fold == "1" else FusedDecoderLayer)
     assert _greedy_tokens(fast, prompts, 6) == want
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernel_path_with_folded_norms_gives_the_torch_path_tokens(monkeypatch, bits):
+    """Norms folded before quantizing (as `ember quantize` does): the runner folds the quantized
+    layers (RMS scale in the RoPE and SwiGLU kernels, residual adds in the int8/int4 kernels'
+    epilogue, under the interpreter) and decodes the torch path's greedy tokens."""
+    require_backend("cpu")
+    model = fold_norm_weights(peaked_model(3))
+    quantize_model(model, bits, group_size=32)
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, 128) for _ in range(n)] for n in (5, 30)]
+    want = _greedy_tokens(_engine(copy.deepcopy(model)), prompts, 5)
+    _force_triton(monkeypatch)
+    fast = _engine(model)
+    assert fast.runner.use_kernels and fast.runner.norms_folded
+    assert isinstance(fast.model.model.layers[0], FoldedDecoderLayer)
+    assert _greedy_tokens(fast, prompts, 5) == want
