@@ -2,7 +2,8 @@
 # On a CUDA machine (about 4 minutes on one H200): batch-1 decode of the 1B and 8B shapes under each
 # launch mode, one process per mode, so the modes are compared on one machine in one call:
 #   PDL off / on (small kernels trigger early, GEMVs at exit) / all early / all at exit, norms folded;
-#   norms not folded with PDL off (isolates folding); then the GPU end-to-end tests.
+#   norms not folded with PDL off (isolates folding); then the GPU end-to-end tests and the
+#   packed-half GEMV with a two- and a three-step ring (benchmarks/bench_gemv_ring.py).
 # Usage: [DTYPES=int4] [REPEATS=1] scripts/gpu_launch_modes.sh OUTDIR
 set -uo pipefail
 out=${1:-out/launch_modes}
@@ -20,3 +21,4 @@ for mode in "EMBER_PDL=0" "EMBER_PDL=1" "EMBER_PDL=1 EMBER_PDL_TRIGGER=early" "E
 done
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu_e2e.py 2>&1 | tail -5 \
   | tee "$out/pytest_gpu_e2e.txt"
+timeout 90 python3 benchmarks/bench_gemv_ring.py 2>&1 | tee "$out/gemv_ring.txt"
