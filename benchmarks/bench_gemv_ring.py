@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}  int{args.bits} GEMV, M = 1: the tuned (or default) config, ring depth 2 vs 3")
+    print(f"{torch.cuda.get_device_name()}  int{args.bits} GEMV, M = 1: "
+          "the tuned (or default) config, ring depth 2 vs 3")
     for k, n in SHAPES:
         w = torch.randn(n, k, device="cuda") * 0.02
         q, s = quantize_int4(w, 128, torch.bfloat16) if args.bits == 4 else quantize_int8(w, torch.bfloat16)
@@ -44,7 +45,8 @@ def main() -> None:
             ms = time_per_op([lambda x=x, c=cfg: quant_matmul_triton(x, q, s, None, args.bits, c) for x in xs],
                              args.repeats)
             row.append(f"depth {depth}: {ms * 1e3:6.1f} us {nbytes / ms / 1e9:5.2f} TB/s")
-        print(f"  K {k:5d} N {n:5d} ({base.block_n} rows, {base.num_warps} warps, waves {base.waves})  " + "   ".join(row))
+        launch = f"({base.block_n} rows, {base.num_warps} warps, waves {base.waves})"
+        print(f"  K {k:5d} N {n:5d} {launch}  " + "   ".join(row))
 
 
 if __name__ == "__main__":

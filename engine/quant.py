@@ -103,13 +103,15 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matmul = int8_matmul if self.bits == 8 else int4_matmul
-        return matmul(x, self.qweight, self.scales, self.bias)
+        return self._matmul(x)
 
     def forward_add_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out += self(x) in place (rounded once, in the kernel's epilogue); returns out."""
+        return self._matmul(x, accumulate=out)
+
+    def _matmul(self, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
         matmul = int8_matmul if self.bits == 8 else int4_matmul
-        return matmul(x, self.qweight, self.scales, self.bias, accumulate=out)
+        return matmul(x, self.qweight, self.scales, self.bias, accumulate=accumulate)
 
     def extra_repr(self) -> str:
         scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._triton_util import INTERPRET, LOG2E, dot_precision, num_sms, pdl_launch, pick_configs, wait_for_inputs
+from engine.kernels._triton_util import (
+    INTERPRET, LOG2E, dot_precision, num_sms, pdl_launch, pick_configs, wait_for_inputs,
+)
 
 # Splits are cut at multiples of this many tokens (the largest BLOCK_N below), so every
 # tile size divides a split.

@@ -386,7 +386,8 @@ def _gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, steps, steps_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
-    BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -495,7 +496,8 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype], PRE=PRE_COLS, DEPTH=depth,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
+        PRE=PRE_COLS, DEPTH=depth,
         EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
     )
     return out

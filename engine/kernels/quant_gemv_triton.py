@@ -106,7 +106,8 @@ def _gemv_kernel(
     M, N, steps, steps_per_split, magic7,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # A step covers WORDS 32-bit words of each W row, KSTEP columns of K. int4: a step is one
     # quantization group. int8: byte t of word w holds column 4 * w + t of the step.

@@ -97,7 +97,8 @@ def _int4_dot_kernel(
     M, N, groups, groups_per_split, magic2,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, MAGIC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     X_PERMUTED: tl.constexpr, PDL: tl.constexpr,
 ):
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per row per group
@@ -225,7 +226,9 @@ def quant_matmul_triton(
     """x [..., K] times the quantized W [N, K] transposed -> [..., N] in x's dtype.
 
     With `accumulate` (a [..., N] tensor of x's dtype whose rows view as [M, N] with unit column
-    stride, not overlapping x) the product is added into it in place, rounded once, and it is returned.
+    stride, not overlapping x) the product is added into it in place and it is returned: rounded
+    once in the kernels' epilogue; the dequantize-then-cuBLAS path (large M) adds the product as
+    rounded to x's dtype.
     """
     from engine.kernels.quant_matmul import dequantize_int4, dequantize_int8
 

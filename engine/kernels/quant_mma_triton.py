@@ -109,7 +109,8 @@ def _int4_mma_kernel(
     M, N, groups, groups_per_split,
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr, SKIND: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, W_IS_A: tl.constexpr, ASM: tl.constexpr,
+    SKIND: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     P: tl.constexpr = GROUP // _PLANE_K  # nibble planes an element holds

@@ -30,8 +30,8 @@ class TileConfig:
     int8 runs as "dot"; prefetch, block_k unused) or "dequant" (cuBLAS).
     split_k: K slices per output tile (None: enough programs for `waves` per SM, each slice at
     least `min_steps` steps long). prefetch: 2 keeps a two-step register ring of weights and
-    scales, 0 loads each step where it is used ("gemv_h2": the ring's depth, 2 or 3). block_k: int8 columns per step. w_is_a ("mma"):
-    W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B.
+    scales, 0 loads each step where it is used ("gemv_h2": the ring's depth, 2 or 3). block_k: int8
+    columns per step. w_is_a ("mma"): W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B.
     """
 
     block_m: int
