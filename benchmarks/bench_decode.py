@@ -50,12 +50,17 @@ BITS = {"bf16": None, "int8": 8, "int4": 4}
 REQUEST_IDS = itertools.count()
 
 
-def build(shape: str, dtype: str, device: str, seed: int, quantize_head: bool = False) -> torch.nn.Module:
+def build(shape: str, dtype: str, device: str, seed: int, head_bits: int | None = None) -> torch.nn.Module:
+    """A random model; int8/int4 as `ember quantize` writes it (norm weights folded in first: random
+    models' are 1 already), with lm_head left in bf16 or quantized to `head_bits` (0: the layers' width)."""
     model = random_model(shape, torch.bfloat16, device, seed)
     if BITS[dtype]:
-        # As `ember quantize` does by default: norm weights folded in first (random models' are 1 already).
-        quantize_model(model, BITS[dtype], group_size=128 if model.config.hidden_size % 128 == 0 else 32,
-                       modules_to_not_convert=() if quantize_head else ("lm_head",), fold_norms=True)
+        head_bits = BITS[dtype] if head_bits == 0 else head_bits
+        group_size = 128 if model.config.hidden_size % 128 == 0 else 32
+        overrides = {"lm_head": {"bits": head_bits, "group_size": group_size}} \
+            if head_bits not in (None, BITS[dtype]) else None
+        quantize_model(model, BITS[dtype], group_size, modules_to_not_convert=("lm_head",) if head_bits is None else (),
+                       fold_norms=True, overrides=overrides)
         release()
     return model
 
@@ -180,7 +185,7 @@ def bench_shape(shape: str, args, bandwidth: float) -> list[dict]:
     rows = []
     hf_result = {}
     for dtype in args.dtypes:
-        model = build(shape, dtype, args.device, args.seed, args.quantize_lm_head)
+        model = build(shape, dtype, args.device, args.seed, args.lm_head_bits)
         config = model.config
         if dtype == "bf16" and args.hf_tokens.get(shape, 0) > 0:
             hf = hf_twin(model, shape)
@@ -252,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="int8/int4 models: quantize lm_head too (as `ember quantize --quantize-lm-head`)")
+    ap.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
+                    help="int8/int4 models: quantize lm_head to this width (as `ember quantize --lm-head-bits`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="plumbing check on the CPU: tiny shape, few tokens")
@@ -261,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device, args.shapes, args.prompt_len, args.output_len, args.repeats = "cpu", "tiny", 16, 12, 2
         args.hf_tokens = {"tiny": 6}
     args.shapes, args.dtypes = args.shapes.split(","), args.dtypes.split(",")
+    if args.quantize_lm_head and args.lm_head_bits is None:
+        args.lm_head_bits = 0  # the layers' own width
     if args.no_hf:
         args.hf_tokens = {}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "decode", **run_info(sys.argv), "copy_bandwidth_tbs": bandwidth,
               "settings": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
                            "hf_new_tokens": args.hf_tokens, "batch": 1, "greedy": True, "ignore_eos": True,
-                           "int4_group_size": 128, "quantized_lm_head": args.quantize_lm_head},
+                           "int4_group_size": 128, "lm_head_bits": args.lm_head_bits},
               "results": []}
     for shape in args.shapes:
         report["results"] += bench_shape(shape, args, bandwidth)

@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too (a head tied to the embedding gets its own quantized copy; "
                         "the embedding stays in floating point)")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
+                   help="quantize lm_head to this width instead of --bits (implies --quantize-lm-head; "
+                        "e.g. --bits 4 --lm-head-bits 8: int4 layers, int8 head)")
     p.add_argument("--calib", default=None, metavar="TEXT_FILE",
                    help="choose the codes with GPTQ, calibrated on windows of this text (default: round to nearest)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ)")
@@ -30,12 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_quantize(args: argparse.Namespace) -> int:
     from engine.quant import quantize_checkpoint
 
-    skip = () if args.quantize_lm_head else ("lm_head",)
+    quantize_head = args.quantize_lm_head or args.lm_head_bits is not None
+    skip = () if quantize_head else ("lm_head",)
+    overrides = None
+    if args.lm_head_bits is not None and args.lm_head_bits != args.bits:
+        overrides = {"lm_head": {"bits": args.lm_head_bits, "group_size": args.group_size}}
     if args.calib_samples < 1 or args.calib_seq_len < 2:
         raise SystemExit("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.dtype, skip,
                               calibration_text=args.calib, calibration_samples=args.calib_samples,
                               calibration_seq_len=args.calib_seq_len, device=args.device,
-                              fold_norms=not args.no_fold_norms)
-    print(f"wrote {args.bits}-bit checkpoint ({'GPTQ' if args.calib else 'round to nearest'}) to {out}")
+                              fold_norms=not args.no_fold_norms, overrides=overrides)
+    head = f", {args.lm_head_bits}-bit lm_head" if overrides else ""
+    print(f"wrote {args.bits}-bit{head} checkpoint ({'GPTQ' if args.calib else 'round to nearest'}) to {out}")
     return 0

@@ -18,6 +18,8 @@ A quantized checkpoint is a normal Hugging Face directory whose config.json carr
         "group_size": 128,              # 32, 64 or 128 for 4-bit; null for 8-bit (per channel)
         "symmetric": true,              # codes stand for c - 8 (4-bit) or c (8-bit), no zero points
         "modules_to_not_convert": ["lm_head"],  # left in floating point (names or name suffixes)
+        "overrides": {"lm_head": {"bits": 8, "group_size": null}},  # optional: another scheme for
+                                        # these layers (names or name suffixes, as above)
         "algorithm": "rtn",             # how the codes were chosen ("rtn" or "gptq"); informational
         "norms_folded": true            # the layer norms' weights were folded into the projections
     }                                   # before quantizing (their weights are 1); informational
@@ -129,17 +131,41 @@ def _skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
-def _convertible(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
-    """Names of the nn.Linear layers to convert; layers whose width does not fit the groups join `skip`."""
-    names = []
+Scheme = tuple[int, int | None]  # (bits, group size or None)
+
+
+def _check_overrides(overrides: dict[str, dict[str, Any]] | None) -> dict[str, Scheme]:
+    """{name or suffix: {"bits", "group_size"}} -> {name or suffix: (bits, group_size)}, checked."""
+    checked = {}
+    for key, entry in (overrides or {}).items():
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise ValueError(f"quantization override for {key!r} must be an object with \"bits\" "
+                             f"(and \"group_size\" for 4 bits), got {entry!r}")
+        bits = int(entry["bits"])
+        group_size = entry.get("group_size") if bits == 4 else None
+        _check_scheme(bits, group_size)
+        checked[key] = (bits, group_size)
+    return checked
+
+
+def _scheme(name: str, default: Scheme, overrides: dict[str, Scheme]) -> Scheme:
+    return next((s for key, s in overrides.items() if _skipped(name, (key,))), default)
+
+
+def _convertible(model: nn.Module, default: Scheme, overrides: dict[str, Scheme],
+                 skip: list[str]) -> list[tuple[str, Scheme]]:
+    """(name, scheme) of the nn.Linear layers to convert; layers whose width does not fit their groups
+    join `skip`."""
+    layers = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or _skipped(name, skip):
             continue
+        bits, group_size = scheme = _scheme(name, default, overrides)
         if bits == 4 and module.in_features % group_size:
             skip.append(name)
             continue
-        names.append(name)
-    return names
+        layers.append((name, scheme))
+    return layers
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -147,26 +173,27 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
 
 
-def _swap(model: nn.Module, bits: int, group_size: int | None, skip: list[str]) -> list[str]:
+def _swap(model: nn.Module, default: Scheme, overrides: dict[str, Scheme], skip: list[str]) -> list[str]:
     """Replace every convertible nn.Linear in place (round to nearest); returns the converted names."""
-    names = _convertible(model, bits, group_size, skip)
-    for name in names:
+    layers = _convertible(model, default, overrides, skip)
+    for name, (bits, group_size) in layers:
         _replace(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
-    return names
+    return [name for name, _ in layers]
 
 
 GPTQ_HESSIAN_BYTES = 2 << 30  # input statistics gathered per calibration pass (layers are done in groups)
 
 
-def _swap_gptq(model: nn.Module, bits: int, group_size: int | None, skip: list[str],
+def _swap_gptq(model: nn.Module, default: Scheme, overrides: dict[str, Scheme], skip: list[str],
                batches: list[torch.Tensor]) -> list[str]:
     """As _swap, with GPTQ codes from the calibration batches (engine/gptq.py)."""
     from engine.gptq import gptq_quantize, input_hessians
 
-    names = _convertible(model, bits, group_size, skip)
+    layers = _convertible(model, default, overrides, skip)
+    schemes = dict(layers)
     groups: list[list[str]] = [[]]
     used = 0
-    for name in names:  # as many layers a pass as their [K, K] statistics allow
+    for name in schemes:  # as many layers a pass as their [K, K] statistics allow
         size = model.get_submodule(name).in_features ** 2 * 4
         if groups[-1] and used + size > GPTQ_HESSIAN_BYTES:
             groups.append([])
@@ -177,21 +204,25 @@ def _swap_gptq(model: nn.Module, bits: int, group_size: int | None, skip: list[s
         hessians = input_hessians(model, group, batches)
         for name in group:
             linear = model.get_submodule(name)
+            bits, group_size = schemes[name]
             codes = gptq_quantize(linear.weight, hessians.pop(name), bits, group_size, linear.weight.dtype)
             _replace(model, name, QuantLinear.from_linear(linear, bits, group_size, codes))
-    return names
+    return list(schemes)
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
                    modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
-                   calibration: list[torch.Tensor] | None = None, fold_norms: bool = False) -> dict[str, Any]:
+                   calibration: list[torch.Tensor] | None = None, fold_norms: bool = False,
+                   overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Quantize `model`'s linear layers in place; returns its quantization_config.
 
     Round to nearest, or GPTQ when `calibration` (token-id batches [B, T] on the model's device) is given.
-    fold_norms first moves the layer norms' weights into the projections that read them.
+    fold_norms first moves the layer norms' weights into the projections that read them. `overrides`
+    ({name or suffix: {"bits", "group_size"}}) gives some layers another scheme, e.g. an int8 head.
     """
     group_size = group_size if bits == 4 else None
     _check_scheme(bits, group_size)
+    schemes = _check_overrides(overrides)
     skip = list(modules_to_not_convert)
     if fold_norms:
         from engine.norm_folding import fold_norm_weights
@@ -199,11 +230,14 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
         fold_norm_weights(model)
     with torch.no_grad():
         if calibration:
-            _swap_gptq(model, bits, group_size, skip, calibration)
+            _swap_gptq(model, (bits, group_size), schemes, skip, calibration)
         else:
-            _swap(model, bits, group_size, skip)
-    return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "symmetric": True,
+            _swap(model, (bits, group_size), schemes, skip)
+    qcfg = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "symmetric": True,
             "modules_to_not_convert": skip, "algorithm": "gptq" if calibration else "rtn", "norms_folded": fold_norms}
+    if schemes:
+        qcfg["overrides"] = {key: {"bits": b, "group_size": g} for key, (b, g) in schemes.items()}
+    return qcfg
 
 
 def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) -> list[str]:
@@ -219,7 +253,7 @@ def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) ->
     group_size = quantization_config.get("group_size") if bits == 4 else None
     _check_scheme(bits, group_size)
     skip = list(quantization_config.get("modules_to_not_convert", DEFAULT_SKIP))
-    return _swap(model, bits, group_size, skip)
+    return _swap(model, (bits, group_size), _check_overrides(quantization_config.get("overrides")), skip)
 
 
 def calibration_batches(model_dir: str | os.PathLike, text_path: str | os.PathLike, samples: int, seq_len: int,
@@ -244,9 +278,11 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         group_size: int | None = 128, dtype: str | torch.dtype | None = None,
                         modules_to_not_convert: tuple[str, ...] | list[str] = DEFAULT_SKIP,
                         calibration_text: str | os.PathLike | None = None, calibration_samples: int = 128,
-                        calibration_seq_len: int = 512, device: str = "cpu", fold_norms: bool = True) -> Path:
+                        calibration_seq_len: int = 512, device: str = "cpu", fold_norms: bool = True,
+                        overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """Read a floating-point checkpoint, quantize it (round to nearest, or GPTQ with a calibration text;
-    norms folded first unless fold_norms is False), write a quantized checkpoint (tokenizer included)."""
+    norms folded first unless fold_norms is False; `overrides` as quantize_model's), write a quantized
+    checkpoint (tokenizer included)."""
     from engine.checkpoint import load_config, load_model, save_model
 
     if Path(out_dir).resolve() == Path(model_dir).resolve():
@@ -269,6 +305,6 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         from engine.norm_folding import can_fold
 
         fold_norms = can_fold(model)  # dense, bias-free layers only (MoE or biased models stay as they are)
-    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert, calibration, fold_norms)
+    qcfg = quantize_model(model, bits, group_size, modules_to_not_convert, calibration, fold_norms, overrides)
     return save_model(model.cpu(), config, out_dir, tokenizer_dir=model_dir,
                       extra_config={"quantization_config": qcfg})

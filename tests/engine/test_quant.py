@@ -70,9 +70,26 @@ def test_apply_quantization_on_meta_then_load_state_dict():
 
 
 def test_apply_quantization_rejects_unknown_configs():
-    for bad in ({"quant_method": "gptq", "bits": 4}, {"bits": 3}, {"bits": 4, "group_size": 100}):
-        with pytest.raises(ValueError):
+    for bad in ({"quant_method": "gptq", "bits": 4}, {"bits": 3}, {"bits": 4, "group_size": 100},
+                {"bits": 4, "group_size": 32, "overrides": {"2": {"bits": 5}}},
+                {"bits": 4, "group_size": 32, "overrides": {"2": {"bits": 4, "group_size": 48}}},
+                {"bits": 4, "group_size": 32, "overrides": {"2": 8}}):
+        with pytest.raises(ValueError, match="bits|group size|override|quant_method"):
             apply_quantization(_stack(), bad)
+
+
+def test_overrides_give_matching_layers_their_own_scheme():
+    src = _stack()
+    qcfg = quantize_model(src, 4, 32, modules_to_not_convert=(), overrides={"2": {"bits": 8}})
+    assert qcfg["overrides"] == {"2": {"bits": 8, "group_size": None}}
+    assert [(src[i].bits, src[i].group_size) for i in (0, 2, 3)] == [(4, 32), (8, None), (4, 32)]
+    with torch.device("meta"):
+        dst = _stack()
+    assert apply_quantization(dst, qcfg) == ["0", "2", "3"]
+    assert (dst[0].bits, dst[2].bits, tuple(dst[2].scales.shape)) == (4, 8, (64,))
+    dst.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
 
 
 def _tiny_checkpoint(tmp_path):
@@ -145,3 +162,32 @@ def test_cli_quantize(tmp_path):
     assert main(["quantize", "--model", str(fp_dir), "--out", str(tmp_path / "q8"), "--bits", "8"]) == 0
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert main(["quantize", "--model", str(fp_dir), "--out", str(fp_dir), "--bits", "4"]) == 2
+
+
+def test_cli_int4_layers_with_an_int8_head(tmp_path):
+    from engine.checkpoint import load_model
+    from ember_cli.main import main
+
+    model, fp_dir = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--bits", "4", "--group-size", "32",
+                 "--lm-head-bits", "8"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["bits"] == 4 and cfg["modules_to_not_convert"] == []
+    assert cfg["overrides"] == {"lm_head": {"bits": 8, "group_size": None}}
+    qmodel, _ = load_model(out)
+    assert isinstance(qmodel.lm_head, QuantLinear) and qmodel.lm_head.bits == 8
+    assert qmodel.model.layers[0].mlp.up_proj.bits == 4
+    # The int8 head adds little error to the int4 layers': the logits stay within int4's tolerance
+    # and the head's own rounding error is small beside a fully int4 model's.
+    int4 = tmp_path / "q4"
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(int4), "--bits", "4", "--group-size", "32",
+                 "--quantize-lm-head"]) == 0
+    all4, _ = load_model(int4)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ref, mixed, full4 = model(ids), qmodel(ids), all4(ids)
+        head8 = qmodel.lm_head(torch.randn(5, 64))
+    mixed_err, full4_err = ((mixed - ref).norm() / ref.norm()).item(), ((full4 - ref).norm() / ref.norm()).item()
+    assert 0 < mixed_err < full4_err < 0.3
+    assert head8.shape == (5, 96)
