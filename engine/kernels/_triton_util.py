@@ -41,7 +41,7 @@ def pick_configs(configs: list) -> list:
 
 @functools.cache
 def _pdl_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9 and env_switch("EMBER_PDL") is True
+    return torch.cuda.get_device_capability(index)[0] >= 9 and env_switch("EMBER_PDL") is not False
 
 
 @functools.cache
@@ -55,8 +55,8 @@ def pdl_launch(device: torch.device, early_trigger: bool = True) -> dict:
     On Hopper and newer GPUs the kernel is launched with programmatic dependent launch: its programs
     may start while the previous kernel in the stream is still running (its prologue, and any
     loads of constant inputs placed before the wait, overlap that kernel's tail), and inside CUDA
-    graphs the launch gap between the two shrinks. Off by default (measurements in
-    benchmarks/NOTES.md); EMBER_PDL=1 turns it on (read once per process); the interpreter and older
+    graphs the launch gap between the two shrinks. On by default (measurements in
+    benchmarks/NOTES.md); EMBER_PDL=0 turns it off (read once per process); the interpreter and older
     GPUs always launch normally.
 
     early_trigger: the kernel lets the next one launch as soon as all its programs have started
