@@ -504,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="sweeps stop starting new trials after this many seconds (the tables still complete)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter plumbing check)")
+    p.add_argument("--model-shapes", action="store_true",
+                   help="weight-only matmuls at M = 1 on the projections of the Llama-3.2-1B and Llama-3.1-8B "
+                        "decode paths (fused q/k/v and gate/up, o, down, lm_head) instead of the fixed shapes")
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -522,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16
         # Target shapes first: if the sweep budget runs out, the later cases keep their defaults.
         ms_list, shapes = [1, 16, 4, 64], [(4096, 14336), (14336, 4096), (4096, 4096)]
+        if args.model_shapes:  # (K, N): 1B then 8B, each qkv, o, gate_up, down, lm_head
+            ms_list = [1]
+            shapes = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (2048, 128256),
+                      (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
         batches, contexts = [1, 8, 32, 64], [512, 2048, 8192]
         heads, repeats = (32, 8, 128, 16), args.repeats
         copy_bytes = 2 << 30
