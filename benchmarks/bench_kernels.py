@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"dtype": str(dtype), "repeats": repeats, "rotate_bytes": ROTATE_BYTES,
                      "timing": "CUDA graph over rotated inputs, median of repeats" if cuda else "wall clock",
                      "ceiling_timing": "eager, CUDA events, median", "group_size": args.group_size,
-                     "smoke": args.smoke, "sweep": args.sweep, "command": " ".join(sys.argv)},
+                     "smoke": args.smoke, "sweep": args.sweep, "model_shapes": args.model_shapes,
+                     "command": " ".join(sys.argv)},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,11 @@ def render_kernels(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_kernels_model_shapes(d: dict) -> str:
+    """The weight-only table of a `--model-shapes` run (M = 1 on the decode projections, no attention)."""
+    return render_kernels(d).split("\n\n| batch x context")[0]
+
+
 def render_kernels_attention(d: dict) -> str:
     """The paged-decode table of an attention-only run (`bench_kernels.py --only attention`)."""
     return render_kernels(d).replace(
@@ -179,6 +184,12 @@ def newest(results: Path) -> dict[str, dict]:
             kind = f"multi_lora_{shape.rsplit('-', 1)[-1]}"
         if kind == "kernels" and not d.get("quant_matmul"):  # an attention-only run has its own table
             kind = "kernels_attention"
+        if kind == "kernels" and "--model-shapes" in d.get("settings", {}).get("command", ""):
+            kind = "kernels_model_shapes"
+        if kind == "decode" and d.get("settings", {}).get("lm_head_bits") is not None:
+            kind = "decode_quantized_head"  # a variant run (quoted in the text), not the table's
+        if kind in ("decode", "kernels", "kernels_model_shapes") and "H100" in str(d.get("gpu") or d.get("hardware")):
+            kind += "_h100"  # the targets are set on an H200; H100 runs get tables of their own
         if kind and (kind not in found or d.get("date", "") > found[kind].get("date", "")):
             found[kind] = d
     return found
@@ -187,7 +198,8 @@ def newest(results: Path) -> dict[str, dict]:
 def render(doc: str, docs: dict[str, dict]) -> str:
     blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
               "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora,
-              "kernels_attention": render_kernels_attention}
+              "kernels_attention": render_kernels_attention, "decode_h100": render_decode,
+              "kernels_h100": render_kernels, "kernels_model_shapes_h100": render_kernels_model_shapes}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)
