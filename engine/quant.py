@@ -168,6 +168,31 @@ def _convertible(model: nn.Module, default: Scheme, overrides: dict[str, Scheme]
     return layers
 
 
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # served as one matmul each
+
+
+def _check_fusable(model: nn.Module, plan: list[tuple[str, Scheme]]) -> None:
+    """The projections the server fuses (engine/fusion.py) must get one scheme (or all stay dense)."""
+    schemes = dict(plan)
+    for name, module in model.named_modules():
+        for group in FUSED_GROUPS:
+            if not all(isinstance(getattr(module, leaf, None), nn.Linear) for leaf in group):
+                continue
+            names = [f"{name}.{leaf}" if name else leaf for leaf in group]
+            got = [schemes.get(n) for n in names]
+            if len(set(got)) > 1:
+                described = ", ".join(f"{n}: {_describe(g)}" for n, g in zip(names, got))
+                raise ValueError(f"{described}: the server runs these as one matmul, so they need the same "
+                                 "scheme (check overrides and modules_to_not_convert)")
+
+
+def _describe(scheme: Scheme | None) -> str:
+    if scheme is None:
+        return "not quantized"
+    bits, group_size = scheme
+    return f"int{bits}" + (f" group {group_size}" if group_size else "")
+
+
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
@@ -176,6 +201,7 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 def _swap(model: nn.Module, default: Scheme, overrides: dict[str, Scheme], skip: list[str]) -> list[str]:
     """Replace every convertible nn.Linear in place (round to nearest); returns the converted names."""
     layers = _convertible(model, default, overrides, skip)
+    _check_fusable(model, layers)
     for name, (bits, group_size) in layers:
         _replace(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
     return [name for name, _ in layers]
@@ -190,6 +216,7 @@ def _swap_gptq(model: nn.Module, default: Scheme, overrides: dict[str, Scheme], 
     from engine.gptq import gptq_quantize, input_hessians
 
     layers = _convertible(model, default, overrides, skip)
+    _check_fusable(model, layers)
     schemes = dict(layers)
     groups: list[list[str]] = [[]]
     used = 0

@@ -164,6 +164,17 @@ def test_cli_quantize(tmp_path):
     assert main(["quantize", "--model", str(fp_dir), "--out", str(fp_dir), "--bits", "4"]) == 2
 
 
+@pytest.mark.parametrize("overrides,skip", [({"v_proj": {"bits": 8}}, ("lm_head",)),
+                                            ({}, ("lm_head", "up_proj"))])
+def test_projections_served_as_one_matmul_must_share_a_scheme(tmp_path, overrides, skip):
+    model, _ = _tiny_checkpoint(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="one matmul"):
+        quantize_model(model, 4, 32, modules_to_not_convert=skip, overrides=overrides)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # checked before any layer changed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_cli_int4_layers_with_an_int8_head(tmp_path):
     from engine.checkpoint import load_model
     from ember_cli.main import main
