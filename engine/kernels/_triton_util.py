@@ -49,10 +49,7 @@ def _trigger_override() -> str:
     return os.environ.get("EMBER_PDL_TRIGGER", "")
 
 
-PDL_EARLY_MAX_BYTES = 16 << 20  # EMBER_PDL_TRIGGER=bytes: GEMVs reading at most this trigger early
-
-
-def pdl_launch(device: torch.device, early_trigger: bool = True, weight_bytes: int | None = None) -> dict:
+def pdl_launch(device: torch.device, early_trigger: bool = True) -> dict:
     """Launch arguments for a kernel that starts with `wait_for_inputs(PDL)`.
 
     On Hopper and newer GPUs the kernel is launched with programmatic dependent launch: its programs
@@ -65,21 +62,14 @@ def pdl_launch(device: torch.device, early_trigger: bool = True, weight_bytes: i
     early_trigger: the kernel lets the next one launch as soon as all its programs have started
     (small kernels: the next kernel's programs then spread over the idle SMs); otherwise only as its
     programs exit (GEMVs filling the GPU: a next kernel placed early would land on the SMs that
-    happen to free up first, unevenly). EMBER_PDL_TRIGGER=early|exit overrides (measurements);
-    EMBER_PDL_TRIGGER=bytes lets a GEMV that reads at most PDL_EARLY_MAX_BYTES of `weight_bytes`
-    trigger early.
+    happen to free up first, unevenly). EMBER_PDL_TRIGGER=early|exit overrides (measurements).
     """
     on = device.type == "cuda" and not INTERPRET and _pdl_device(
         device.index if device.index is not None else torch.cuda.current_device())
     if not on:
         return {"PDL": 0}
     override = _trigger_override()
-    if override in ("early", "exit"):
-        early = override == "early"
-    elif override == "bytes" and weight_bytes is not None:
-        early = weight_bytes <= PDL_EARLY_MAX_BYTES
-    else:
-        early = early_trigger
+    early = early_trigger if override not in ("early", "exit") else override == "early"
     return {"PDL": 1 if early else 2, "launch_pdl": True}
 
 

@@ -498,8 +498,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
         PRE=PRE_COLS, DEPTH=depth,
-        EMULATE=emulate, num_warps=num_warps, num_stages=1,
-        **pdl_launch(x2.device, early_trigger=False, weight_bytes=words.numel() * words.element_size()),
+        EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
     )
     return out
 

@@ -288,7 +288,7 @@ def quant_matmul_triton(
             BITS=bits, WORDS=word_step, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
             HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, PREFETCH=cfg.prefetch,
             num_warps=cfg.num_warps, num_stages=1,
-            **pdl_launch(x.device, early_trigger=False, weight_bytes=words.numel() * words.element_size()),
+            **pdl_launch(x.device, early_trigger=False),
         )
         return out.view(*x.shape[:-1], n_out)
 
@@ -296,7 +296,7 @@ def quant_matmul_triton(
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
                   ACCUMULATE=accumulate is not None,
                   PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **pdl_launch(x.device, early_trigger=False, weight_bytes=qweight.numel() * qweight.element_size()))
+                  **pdl_launch(x.device, early_trigger=False))
     grid_mn = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, cfg.block_m))
     if bits == 4:
         steps = k // group

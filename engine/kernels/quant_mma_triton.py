@@ -202,5 +202,5 @@ def int4_mma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: 
         GROUP=group, PREC=dot_precision(x2.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, W_IS_A=cfg.w_is_a, ASM=asm, SKIND=SCALE_KIND[scales.dtype],
         EMULATE=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_launch(x2.device, early_trigger=False, weight_bytes=words.numel() * words.element_size()),
+        **pdl_launch(x2.device, early_trigger=False),
     )
