@@ -1,28 +1,18 @@
 #!/usr/bin/env bash
-# On a CUDA machine (about 4 minutes): the GEMV trigger modes of programmatic dependent launch side by
-# side (default: GEMVs trigger at exit; EMBER_PDL_TRIGGER=bytes: GEMVs of at most 16 MiB trigger early),
-# two rounds, int4 and int8, 1B and 8B shapes; then, on an H200, the full decode table (HF included)
-# and the int4 / int8-head variants for docs/performance.md.
+# On a CUDA machine (about 4 minutes on an H200): the GPU tests of the quantized decode path, then
+# the full batch-1 decode table (HF generate included) and its int8- and int4-head variants, the
+# JSON that benchmarks/render_performance.py turns into docs/performance.md's decode tables.
 # Usage: scripts/gpu_final_check.sh OUTDIR
 set -uo pipefail
 out=${1:-out/final_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-echo "$gpu" | tee "$out/gpu.txt"
-for round in 1 2; do
-  for trigger in "" bytes; do
-    echo "== round $round EMBER_PDL_TRIGGER=${trigger:-<default>}" | tee -a "$out/summary.txt"
-    EMBER_PDL_TRIGGER=$trigger timeout 100 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes int4,int8 \
-      --repeats 1 --no-hf --no-eager --out "$out/trigger_${trigger:-default}_$round.json" 2>&1 | grep "tok/s" \
-      | tee -a "$out/summary.txt"
-  done
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_quant_gemv_h2.py \
+  tests/engine/kernels/test_quant_matmul.py tests/engine/test_gpu_e2e.py 2>&1 | tail -5 | tee "$out/pytest_gpu.txt"
+timeout 200 python3 benchmarks/bench_decode.py --out "$out/decode.json" 2>&1 | grep -E "tok/s|bandwidth" \
+  | tee -a "$out/summary.txt"
+for head in 8 4; do
+  timeout 100 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes int8,int4 --lm-head-bits $head --no-hf \
+    --no-eager --out "$out/decode_head$head.json" 2>&1 | grep "tok/s" | tee -a "$out/summary.txt"
 done
-case "$gpu" in
-  *H200*)
-    timeout 200 python3 benchmarks/bench_decode.py --out "$out/decode.json" 2>&1 | grep "tok/s" | tee -a "$out/summary.txt"
-    for head in 8 4; do
-      timeout 100 python3 benchmarks/bench_decode.py --shapes 1b,8b --dtypes int4 --lm-head-bits $head --no-hf \
-        --no-eager --out "$out/decode_head$head.json" 2>&1 | grep "tok/s" | tee -a "$out/summary.txt"
-    done ;;
-esac
