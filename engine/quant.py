@@ -156,6 +156,11 @@ def _convertible(model: nn.Module, default: Scheme, overrides: dict[str, Scheme]
                  skip: list[str]) -> list[tuple[str, Scheme]]:
     """(name, scheme) of the nn.Linear layers to convert; layers whose width does not fit their groups
     join `skip`."""
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [key for key in overrides if not any(_skipped(name, (key,)) for name in linear_names)]
+    if unmatched:
+        raise ValueError(f"quantization overrides {unmatched} match no linear layer of the model "
+                         "(keys are layer names or name suffixes, e.g. \"lm_head\" or \"mlp.down_proj\")")
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or _skipped(name, skip):

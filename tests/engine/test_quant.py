@@ -73,8 +73,9 @@ def test_apply_quantization_rejects_unknown_configs():
     for bad in ({"quant_method": "gptq", "bits": 4}, {"bits": 3}, {"bits": 4, "group_size": 100},
                 {"bits": 4, "group_size": 32, "overrides": {"2": {"bits": 5}}},
                 {"bits": 4, "group_size": 32, "overrides": {"2": {"bits": 4, "group_size": 48}}},
-                {"bits": 4, "group_size": 32, "overrides": {"2": 8}}):
-        with pytest.raises(ValueError, match="bits|group size|override|quant_method"):
+                {"bits": 4, "group_size": 32, "overrides": {"2": 8}},
+                {"bits": 4, "group_size": 32, "overrides": {"lm_hed": {"bits": 8}}}):
+        with pytest.raises(ValueError, match="bits|group size|override|quant_method|match no linear"):
             apply_quantization(_stack(), bad)
 
 
