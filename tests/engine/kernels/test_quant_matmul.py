@@ -227,3 +227,30 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
     assert qt.tile_config(3, 14336, 4096, 4, 64) == qt.default_config(3, 4)  # other group
     assert qt.tile_config(3, 14336, 16384, 4, 128) == qt.default_config(3, 4)  # K 4x away
     assert qt.tile_config(2048, 14336, 4096, 4, 128).kernel == "dequant"
+
+
+def _committed_configs():
+    """Each distinct (bits, group, M bucket, config) of the committed tuned table."""
+    import re
+
+    from engine.kernels.quant_tuned import TUNED
+
+    seen = {}
+    for key, entry in TUNED.items():  # "int4/g128/m1/k4096/n14336"
+        bits, group, m = map(int, re.fullmatch(r"int(\d+)/g(\d+)/m(\d+)/k\d+/n\d+", key).groups())
+        seen.setdefault((bits, group or None, m, tuple(sorted(entry.items()))), key)
+    return sorted(seen.items(), key=lambda item: item[1])
+
+
+@pytest.mark.parametrize("case", [c for c, _ in _committed_configs()], ids=[k for _, k in _committed_configs()])
+def test_every_committed_tuned_config_computes_the_reference(case):
+    """The winners in quant_tuned.py, at a small shape of their own bits, group and M: each still
+    names a kernel and launch shape that runs and matches the reference (split K included)."""
+    from engine.kernels.quant_tuning import KERNELS, TileConfig
+
+    require_backend("cpu")
+    bits, group, m, items = case
+    cfg = TileConfig.from_dict(dict(items))
+    assert cfg.kernel in KERNELS
+    k = 4 * group if bits == 4 else 512
+    _triton_case("cpu", torch.float16, bits, m, 2 * cfg.block_n, k, group, False, cfg)
