@@ -4,6 +4,9 @@ Builds the same random-weight model as bench_decode.py, runs one request through
 CUDA graphs (host phases, via bench_decode's StepTimer), then replays the batch-1 decode graph
 under torch.profiler: kernels launched from a graph are traced one by one, so the table lists
 every kernel of a step with its mean GPU time, grouped by name. Writes a text report (and JSON).
+Under programmatic dependent launch (on by default on Hopper) a kernel's traced time starts at its
+early launch and includes its wait for the previous kernel: profile with EMBER_PDL=0 for per-kernel
+times, and read a PDL profile's step total only.
 
     python benchmarks/profile_decode.py --shape 1b --dtype bf16 --out prof.json    # on a CUDA machine
 """
@@ -20,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_decode import BITS, StepTimer, build, engine_decode, make_engine  # noqa: E402
+from bench_decode import BITS, StepTimer, build, engine_decode, make_engine, uses_pdl  # noqa: E402
 from random_models import NAMES  # noqa: E402
 from run_info import run_info, write_json  # noqa: E402
 
@@ -71,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     launches = sum(r["launches_per_step"] for r in rows)
     print(f"{NAMES[args.shape]} {args.dtype}: {result['tokens_per_s']:.1f} tok/s, "
           f"{1e3 / result['tokens_per_s']:.3f} ms a step; host phases (ms/step): {phases}")
-    print(f"decode graph: {launches:.0f} kernels a step, {gpu_us:.0f} us of kernel time a step")
+    pdl = uses_pdl("cuda")
+    print(f"decode graph: {launches:.0f} kernels a step, {gpu_us:.0f} us of kernel time a step"
+          + (" (PDL on: kernel times include waits; EMBER_PDL=0 for per-kernel times)" if pdl else ""))
     print(f"{'us/step':>9} {'n':>5} {'us each':>8}  kernel")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} {r['launches_per_step']:5.0f} {r['us_per_launch']:8.2f}  {r['kernel'][:110]}")
     write_json(args.out, {"benchmark": "profile_decode", **run_info(sys.argv), "settings": vars(args),
                           "tokens_per_s": result["tokens_per_s"], "host_phases_ms_per_step": phases,
-                          "kernel_us_per_step": gpu_us, "kernels_per_step": launches, "kernels": rows})
+                          "kernel_us_per_step": gpu_us, "kernels_per_step": launches, "pdl": pdl, "kernels": rows})
     return 0
 
 
