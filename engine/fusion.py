@@ -24,6 +24,9 @@ from engine.kernels.rmsnorm import rmsnorm
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
 from engine.quant import QuantLinear
 
+# Each fused projection and the projections it stacks, in output order.
+PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 
 def merge_linears(layers: list[nn.Module]) -> nn.Module:
     """One layer whose output is the concatenation of `layers`' outputs (same input width)."""

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import env_switch
+from engine.fusion import PACKED_PROJECTIONS
 from engine.kernels.lora_batched import LoraSegments, add_lora, add_lora_expand
 from engine.lora import base_weight, is_linear
 
@@ -212,8 +213,7 @@ class ServingLoraLinear(nn.Module):
         return f"slots={self.lora_a.shape[0]}, max_rank={self.max_rank}, slices={len(self.slice_paths)}"
 
 
-# Fused projections (engine/fusion.py) and the targets they hold, in output order.
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PACKED = PACKED_PROJECTIONS  # fused projections and the adapter targets they hold, in output order
 
 
 def _slices(parent: nn.Module, path: str, leaf: str, layer: nn.Module) -> list[tuple[str, int]]:

@@ -61,11 +61,11 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
                  bias: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
-        _check_scheme(bits, group_size)
+        bits, group_size = _scheme_of(bits, group_size)
         if bits == 4 and in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of the group size {group_size}")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size if bits == 4 else None
+        self.bits, self.group_size = bits, group_size
         if bits == 8:
             qshape, sshape, qdtype = (out_features, in_features), (out_features,), torch.int8
         else:
@@ -120,18 +120,20 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, bias={self.bias is not None}"
 
 
-def _check_scheme(bits: int, group_size: int | None) -> None:
+Scheme = tuple[int, int | None]  # (bits, group size or None)
+
+
+def _scheme_of(bits: int, group_size: int | None) -> Scheme:
+    """(bits, group size), checked; the group size is None for 8 bits (per-channel scales)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if bits == 4 and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"4-bit group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    return bits, group_size if bits == 4 else None
 
 
 def _skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
-
-
-Scheme = tuple[int, int | None]  # (bits, group size or None)
 
 
 def _check_overrides(overrides: dict[str, dict[str, Any]] | None) -> dict[str, Scheme]:
@@ -141,10 +143,7 @@ def _check_overrides(overrides: dict[str, dict[str, Any]] | None) -> dict[str, S
         if not isinstance(entry, dict) or "bits" not in entry:
             raise ValueError(f"quantization override for {key!r} must be an object with \"bits\" "
                              f"(and \"group_size\" for 4 bits), got {entry!r}")
-        bits = int(entry["bits"])
-        group_size = entry.get("group_size") if bits == 4 else None
-        _check_scheme(bits, group_size)
-        checked[key] = (bits, group_size)
+        checked[key] = _scheme_of(int(entry["bits"]), entry.get("group_size"))
     return checked
 
 
@@ -156,14 +155,14 @@ def _convertible(model: nn.Module, default: Scheme, overrides: dict[str, Scheme]
                  skip: list[str]) -> list[tuple[str, Scheme]]:
     """(name, scheme) of the nn.Linear layers to convert; layers whose width does not fit their groups
     join `skip`."""
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    unmatched = [key for key in overrides if not any(_skipped(name, (key,)) for name in linear_names)]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [key for key in overrides if not any(_skipped(name, (key,)) for name, _ in linears)]
     if unmatched:
         raise ValueError(f"quantization overrides {unmatched} match no linear layer of the model "
                          "(keys are layer names or name suffixes, e.g. \"lm_head\" or \"mlp.down_proj\")")
     layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _skipped(name, skip):
+    for name, module in linears:
+        if _skipped(name, skip):
             continue
         bits, group_size = scheme = _scheme(name, default, overrides)
         if bits == 4 and module.in_features % group_size:
@@ -173,14 +172,13 @@ def _convertible(model: nn.Module, default: Scheme, overrides: dict[str, Scheme]
     return layers
 
 
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # served as one matmul each
-
-
 def _check_fusable(model: nn.Module, plan: list[tuple[str, Scheme]]) -> None:
     """The projections the server fuses (engine/fusion.py) must get one scheme (or all stay dense)."""
+    from engine.fusion import PACKED_PROJECTIONS  # (fusion imports this module)
+
     schemes = dict(plan)
     for name, module in model.named_modules():
-        for group in FUSED_GROUPS:
+        for group in PACKED_PROJECTIONS.values():
             if not all(isinstance(getattr(module, leaf, None), nn.Linear) for leaf in group):
                 continue
             names = [f"{name}.{leaf}" if name else leaf for leaf in group]
@@ -252,8 +250,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
     fold_norms first moves the layer norms' weights into the projections that read them. `overrides`
     ({name or suffix: {"bits", "group_size"}}) gives some layers another scheme, e.g. an int8 head.
     """
-    group_size = group_size if bits == 4 else None
-    _check_scheme(bits, group_size)
+    bits, group_size = _scheme_of(bits, group_size)
     schemes = _check_overrides(overrides)
     skip = list(modules_to_not_convert)
     if fold_norms:
@@ -281,11 +278,9 @@ def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) ->
                          "checkpoints written by `ember quantize`")
     if not quantization_config.get("symmetric", True):
         raise ValueError("quantization_config.symmetric=false is not supported")
-    bits = int(quantization_config.get("bits", 0))
-    group_size = quantization_config.get("group_size") if bits == 4 else None
-    _check_scheme(bits, group_size)
+    default = _scheme_of(int(quantization_config.get("bits", 0)), quantization_config.get("group_size"))
     skip = list(quantization_config.get("modules_to_not_convert", DEFAULT_SKIP))
-    return _swap(model, (bits, group_size), _check_overrides(quantization_config.get("overrides")), skip)
+    return _swap(model, default, _check_overrides(quantization_config.get("overrides")), skip)
 
 
 def calibration_batches(model_dir: str | os.PathLike, text_path: str | os.PathLike, samples: int, seq_len: int,
