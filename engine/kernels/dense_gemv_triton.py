@@ -36,7 +36,7 @@ def _dense_gemv_kernel(
     M, N, steps, steps_per_split,
     stride_xm, stride_wn, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -54,7 +54,7 @@ def _dense_gemv_kernel(
         w_b = tl.load(w_ptrs + tl.minimum(first + 1, end) * BLOCK_K)
     wait_for_inputs(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for st in tl.range(first, last, loop_unroll_factor=3 if PREFETCH == 2 else 1):
+    for st in tl.range(first, last, loop_unroll_factor=UNROLL):  # 3 copies rotate the ring in place
         if PREFETCH == 2:
             wv = w_a
             w_a = w_b
@@ -87,6 +87,6 @@ def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2, weight, bias if bias is not None else out, out, part, locks, m, n_out, k // block_k, per_split,
         x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split > 1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
+        PREFETCH=prefetch, UNROLL=3 if prefetch == 2 else 1, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
     )
     return out
