@@ -87,6 +87,7 @@ def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2, weight, bias if bias is not None else out, out, part, locks, m, n_out, k // block_k, per_split,
         x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split > 1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        PREFETCH=prefetch, UNROLL=3 if prefetch == 2 else 1, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
+        PREFETCH=prefetch, UNROLL=3 if prefetch == 2 else 1, num_warps=num_warps, num_stages=1,
+        **pdl_launch(x2.device, early_trigger=False),
     )
     return out
