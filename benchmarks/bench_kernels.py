@@ -374,7 +374,7 @@ def bench_dense(device, dtype, shapes, repeats, sweep, deadline, rows: list, sav
     """Batch-1 dense projections: cuBLAS F.linear against the Triton GEMV (dense_matmul.py), one
     row per (K, N), saving after each; returns the sweep's winners."""
     from engine.kernels.dense_matmul import dense_linear
-    from engine.kernels.quant_tuning import DENSE_BITS, tile_config, tuning_key
+    from engine.kernels.quant_tuning import DENSE_BITS, TileConfig, register_tuned, tile_config, tuning_key
 
     tuned = {}
     for k, n in shapes:
@@ -390,7 +390,12 @@ def bench_dense(device, dtype, shapes, repeats, sweep, deadline, rows: list, sav
             trials = _sweep_case(copies_, f"dense K={k} N={n}", repeats, dense_candidates(), deadline,
                                  lambda cfg, wt: dense_linear(x, wt, config=cfg))
             row["gemv_sweep"] = trials
-            _install_winner(trials, tuning_key(DENSE_BITS, None, 1, k, n), tuned)
+            key = tuning_key(DENSE_BITS, None, 1, k, n)
+            _install_winner(trials, key, tuned)
+            best = row["gemv_sweep_best_ms"] = min((r["ms"] for r in trials if "ms" in r), default=None)
+            if best is None or best > row["bf16_cublas_ms"]:  # the shape stays with cuBLAS
+                tuned[key] = TileConfig(1, 32, 4, 1, kernel="cublas")
+                register_tuned({key: tuned[key]})
         row["gemv_config"] = tile_config(1, n, k, DENSE_BITS).to_dict()
         try:
             t = time_per_op([lambda wt=wt: dense_linear(x, wt) for wt in copies_], repeats)
@@ -403,7 +408,7 @@ def bench_dense(device, dtype, shapes, repeats, sweep, deadline, rows: list, sav
         c = row["gemv_config"]
         log(f"K={k:5d} N={n:6d} M=1 | cuBLAS {row['bf16_cublas_ms'] * 1e3:7.1f} us {row['bf16_cublas_TBps']:4.2f} TB/s "
             f"| GEMV {t * 1e3:7.1f} us x{row['gemv_speedup_vs_cublas']:4.2f} {row['gemv_TBps']:4.2f} TB/s "
-            f"[{c['block_n']}x{c['block_k']} w{c['num_warps']} waves{c['waves']} pf{c['prefetch']}]")
+            f"[{c['kernel']} {c['block_n']}x{c['block_k']} w{c['num_warps']} waves{c['waves']} pf{c['prefetch']}]")
         save()
         del copies_
     return tuned

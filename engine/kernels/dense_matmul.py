@@ -4,8 +4,8 @@
 `accumulate` (a residual stream). One activation row of bf16 / fp16 on CUDA runs the GEMV of
 dense_gemv_triton.py (launch shape from quant_tuning.tile_config with bits = DENSE_BITS: measured
 winners, else a heuristic); everything else (more rows, fp32, CPU, EMBER_DISABLE_TRITON=1, or
-EMBER_DENSE_GEMV=0) is F.linear / addmm_, i.e. cuBLAS on a GPU. The reference is the same torch
-call, so the CPU path is the reference.
+EMBER_DENSE_GEMV=0, or a shape whose measured entry says "cublas") is F.linear / addmm_, i.e.
+cuBLAS on a GPU. The reference is the same torch call, so the CPU path is the reference.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine.config import env_switch
 from engine.kernels._dispatch import use_triton
+from engine.kernels.quant_tuning import DENSE_BITS, tile_config
 
 GEMV_MAX_ROWS = 1  # activation rows up to which the GEMV runs (more: cuBLAS's tensor-core GEMM)
 MIN_BLOCK_K = 64  # the GEMV's narrowest step; K must be a multiple of it
@@ -38,7 +39,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     GEMV's launch shape (benchmark sweeps, tests)."""
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
-    if not _gemv_applies(x2, weight):
+    cfg = None
+    if _gemv_applies(x2, weight):
+        cfg = config or tile_config(x2.shape[0], n, k, DENSE_BITS)
+    if cfg is None or cfg.kernel == "cublas":
         if accumulate is None:
             return F.linear(x, weight, bias)
         acc2 = accumulate.view(-1, n)
@@ -48,13 +52,11 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return accumulate
     from engine.kernels.dense_gemv_triton import dense_gemv
     from engine.kernels.quant_matmul_triton import split_plan
-    from engine.kernels.quant_tuning import DENSE_BITS, tile_config
 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype) if accumulate is None else accumulate.view(m, n)
-    cfg = config or tile_config(m, n, k, DENSE_BITS)
     block_k = cfg.block_k
     while k % block_k:  # a power of two dividing K (MIN_BLOCK_K does)
         block_k //= 2

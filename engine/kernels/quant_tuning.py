@@ -18,6 +18,7 @@ from functools import lru_cache
 
 DEQUANT_MIN_M = 1024  # from here on: dequantize once, then cuBLAS (compute-bound)
 KERNELS = ("gemv", "gemv_h2", "dot", "mma", "dequant")
+DENSE_KERNELS = ("gemv", "cublas")  # a dense entry: the Triton GEMV, or cuBLAS where it measured faster
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,39 @@ def test_dispatcher_keeps_torch_where_the_gemv_does_not_apply(forced, rows, dtyp
     assert not forced
 
 
+def test_a_cublas_entry_keeps_the_shape_with_torch(forced):
+    """A sweep that found cuBLAS faster for a shape records "cublas": the dispatcher obeys."""
+    from engine.kernels import quant_tuning as qt
+
+    key = qt.tuning_key(DENSE_BITS, None, 1, 320, 24)
+    qt.register_tuned({key: TileConfig(1, 32, 4, 1, kernel="cublas")})
+    try:
+        _case("cpu", torch.float16, 24, 320, calls=1, accumulate=True)
+        assert not forced
+        _case("cpu", torch.float16, 24, 256, calls=1)  # a neighbour shape within 2x borrows the entry
+        assert not forced
+        _case("cpu", torch.float16, 24, 1024, calls=1)  # K 3.2x away: the heuristic's GEMV
+        assert forced
+    finally:
+        qt._REGISTERED.pop(key)
+        qt._MEMO.clear()
+
+
+def _committed_dense():
+    from engine.kernels.quant_tuned import TUNED
+
+    return sorted({tuple(sorted(v.items())) for k, v in TUNED.items() if k.startswith("dense/")})
+
+
+@pytest.mark.parametrize("items", _committed_dense())
+def test_every_committed_dense_entry_computes_the_reference(forced, items):
+    cfg = TileConfig.from_dict(dict(items))
+    from engine.kernels.quant_tuning import DENSE_KERNELS
+
+    assert cfg.kernel in DENSE_KERNELS
+    _case("cpu", torch.bfloat16, 2 * cfg.block_n, 4 * cfg.block_k, cfg, calls=1, accumulate=True)
+
+
 def test_switch_turns_the_gemv_off(forced, monkeypatch):
     monkeypatch.setenv("EMBER_DENSE_GEMV", "0")
     _case("cpu", torch.float16, 16, 128, calls=1)
