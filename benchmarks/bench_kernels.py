@@ -360,7 +360,8 @@ def _install_winner(trials: list[dict], key: str, tuned: dict) -> None:
 
 def dense_candidates() -> list:
     """Launch shapes of the dense GEMV: (rows, columns a step, warps). A thread's fp32 accumulators
-    are rows x columns / threads: 64 for most (ring of two steps: ~170 registers), 32 for two."""
+    are rows x columns / (2 threads): 32 for most (~165 registers with the ring, sass_report.py),
+    16 for two (~95)."""
     from engine.kernels.quant_tuning import TileConfig as T
 
     shapes = [(32, 256, 4), (16, 256, 2), (64, 256, 8), (16, 512, 4), (8, 512, 2), (32, 512, 8), (64, 128, 4),
