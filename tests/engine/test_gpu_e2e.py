@@ -139,14 +139,15 @@ def _two_steps(runner: ModelRunner, prompts, nxt):
     return torch.cat([first, second])
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_bf16_logits_match_the_torch_path(bits, monkeypatch):
+@pytest.mark.parametrize("bits,seqs", [(None, 2), (4, 2), (None, 1)])
+def test_bf16_logits_match_the_torch_path(bits, seqs, monkeypatch):
     """bf16 (and int4, whose unit norms let the fast path fold them: residual adds in the int4
-    kernel's epilogue) against an fp32 reference, no further from it than the torch path."""
+    kernel's epilogue) against an fp32 reference, no further from it than the torch path. One
+    sequence: the decode step's dense projections run the batch-1 GEMV (dense_matmul.py)."""
     base = _bf16_model()
     g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (100, 37)]
-    nxt = [5, 6]
+    prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (100, 37)][:seqs]
+    nxt = [5, 6][:seqs]
     if bits:  # the reference is the quantized model too, in fp32 (the torch references' matmuls)
         quantize_model(base, bits, group_size=128)
     # fp32 reference through the plain model (contiguous SDPA, no cache): all prompt rows, then the next token.
@@ -154,7 +155,7 @@ def test_bf16_logits_match_the_torch_path(bits, monkeypatch):
     ref_model = copy.deepcopy(base).cuda()
     with torch.no_grad():
         ref = [ref_model(torch.tensor([p + [t]], device="cuda"))[0].float() for p, t in zip(prompts, nxt)]
-    ref = torch.cat([ref[0][:-1], ref[1][:-1], ref[0][-1:], ref[1][-1:]])
+    ref = torch.cat([r[:-1] for r in ref] + [r[-1:] for r in ref])
     del ref_model
 
     def runner(model):
