@@ -2,10 +2,10 @@
 
 `dense_linear(x, weight, bias, accumulate)` is x @ weight.T (+ bias), optionally added in place into
 `accumulate` (a residual stream). One activation row of bf16 / fp16 on CUDA runs the GEMV of
-dense_gemv_triton.py (launch shape from quant_tuning.tile_config with bits = DENSE_BITS: measured
-winners, else a heuristic); everything else (more rows, fp32, CPU, EMBER_DISABLE_TRITON=1, or
-EMBER_DENSE_GEMV=0, or a shape whose measured entry says "cublas") is F.linear / addmm_, i.e.
-cuBLAS on a GPU. The reference is the same torch call, so the CPU path is the reference.
+dense_gemv_triton.py when EMBER_DENSE_GEMV=1 (launch shape from quant_tuning.tile_config with
+bits = DENSE_BITS: measured winners, else a heuristic); everything else (more rows, fp32, CPU,
+EMBER_DISABLE_TRITON=1, the switch off, or a shape whose measured entry says "cublas") is F.linear /
+addmm_, i.e. cuBLAS on a GPU. The reference is the same torch call, so the CPU path is the reference.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ MIN_BLOCK_K = 64  # the GEMV's narrowest step; K must be a multiple of it
 
 
 def dense_gemv_enabled() -> bool:
-    """EMBER_DENSE_GEMV=0 sends batch-1 dense projections to cuBLAS too (A/B runs); on by default."""
-    return env_switch("EMBER_DENSE_GEMV") is not False
+    """EMBER_DENSE_GEMV=1 sends batch-1 dense projections on CUDA to the Triton GEMV; off by default
+    (cuBLAS) until a decode A/B on the GPU shows a gain (benchmarks/NOTES.md)."""
+    return env_switch("EMBER_DENSE_GEMV") is True
 
 
 def _gemv_applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -144,6 +144,7 @@ def test_bf16_logits_match_the_torch_path(bits, seqs, monkeypatch):
     """bf16 (and int4, whose unit norms let the fast path fold them: residual adds in the int4
     kernel's epilogue) against an fp32 reference, no further from it than the torch path. One
     sequence: the decode step's dense projections run the batch-1 GEMV (dense_matmul.py)."""
+    monkeypatch.setenv("EMBER_DENSE_GEMV", "1")  # one sequence: the batch-1 GEMV (off by default)
     base = _bf16_model()
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (100, 37)][:seqs]
@@ -187,6 +188,7 @@ def test_programmatic_dependent_launch_changes_no_bit(bits, seqs, monkeypatch):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    monkeypatch.setenv("EMBER_DENSE_GEMV", "1")  # one sequence: the batch-1 GEMV (off by default)
     base = _bf16_model()
     if bits:
         quantize_model(base, bits, group_size=128)

@@ -37,7 +37,12 @@ def _case(device, dtype, n, k, cfg=None, bias=False, accumulate=False, calls=2, 
 
 
 @pytest.fixture
-def forced(monkeypatch):
+def gemv_on(monkeypatch):
+    monkeypatch.setenv("EMBER_DENSE_GEMV", "1")
+
+
+@pytest.fixture
+def forced(monkeypatch, gemv_on):
     """Point the dispatcher at the Triton GEMV for CPU tensors (the interpreter runs it)."""
     require_backend("cpu")
     calls = []
@@ -139,8 +144,9 @@ def test_every_committed_dense_entry_computes_the_reference(forced, items):
     _case("cpu", torch.bfloat16, 2 * cfg.block_n, 4 * cfg.block_k, cfg, calls=1, accumulate=True)
 
 
-def test_switch_turns_the_gemv_off(forced, monkeypatch):
-    monkeypatch.setenv("EMBER_DENSE_GEMV", "0")
+@pytest.mark.parametrize("value", ["0", ""])
+def test_the_gemv_is_off_unless_switched_on(forced, monkeypatch, value):
+    monkeypatch.setenv("EMBER_DENSE_GEMV", value)
     _case("cpu", torch.float16, 16, 128, calls=1)
     assert not forced
     monkeypatch.setenv("EMBER_DENSE_GEMV", "1")
@@ -182,7 +188,7 @@ def test_folded_bf16_model_decodes_one_token_through_the_gemv(forced, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (6144, 4096),
                                  (4096, 14336)])
-def test_gemv_gpu(dtype, n, k):
+def test_gemv_gpu(gemv_on, dtype, n, k):
     """The decode projections' shapes, default dispatch (tuned or heuristic), with and without the
     residual add."""
     require_backend("cuda")
@@ -193,7 +199,7 @@ def test_gemv_gpu(dtype, n, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_n,block_k,warps,split,prefetch", [
     (16, 256, 2, None, 2), (32, 256, 4, 1, 2), (64, 128, 4, 3, 0), (8, 512, 1, None, 2), (32, 512, 8, 5, 2)])
-def test_gemv_variants_gpu(block_n, block_k, warps, split, prefetch):
+def test_gemv_variants_gpu(gemv_on, block_n, block_k, warps, split, prefetch):
     """The variants a benchmark sweep may select, at a real shape."""
     require_backend("cuda")
     cfg = TileConfig(1, block_n, warps, 1, split, "gemv", prefetch, block_k)
