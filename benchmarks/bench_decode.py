@@ -43,7 +43,6 @@ from run_info import copy_bandwidth, run_info, sync, write_json  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from engine.kernels.dense_matmul import dense_gemv_enabled  # noqa: E402
 from engine.quant import quantize_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
@@ -219,7 +218,6 @@ def bench_shape(shape: str, args, bandwidth: float) -> list[dict]:
             "overlap_decode": engine.overlap, "overlapped_steps": engine.stats().overlapped_steps,
             "norms_folded": engine.runner.norms_folded,
             "pdl": uses_pdl(args.device),
-            "dense_gemv": args.device.startswith("cuda") and dense_gemv_enabled(),
         }
         del engine, timer
         release()

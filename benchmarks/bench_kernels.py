@@ -38,10 +38,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (K, N) of the decode projections: Llama-3.2-1B then Llama-3.1-8B, each fused q/k/v, o, fused
-# gate/up, down, lm_head.
-MODEL_SHAPES = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (2048, 128256),
-                (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
 ROTATE_BYTES = 256 << 20  # rotated inputs per measurement: > 4x the H200's 60 MB L2
 MAX_COPIES = 64
 CLOCK = time.perf_counter()
@@ -246,9 +242,11 @@ def quant_candidates(bits: int, m: int) -> list:
 
 def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline, rows: list, save) -> dict:
     """Append one row per (shape, M) to `rows` (saving after each); returns the sweep's winners."""
+    from dataclasses import replace
+
     from engine.kernels.quant_matmul import quantize_int4, quantize_int8
     from engine.kernels.quant_matmul_triton import quant_matmul_triton
-    from engine.kernels.quant_tuning import tile_config, tuning_key
+    from engine.kernels.quant_tuning import register_tuned, tile_config, tuning_key
 
     tuned = {}
     for k, n in shapes:
@@ -280,11 +278,18 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline,
             for name, bits in (("int8", 8), ("int4", 4)):
                 g = group if bits == 4 else None
                 if sweep and time.perf_counter() < deadline:
-                    trials = _sweep_case(q_c[bits], f"int{bits} M={m}", repeats, quant_candidates(bits, m), deadline,
-                                         lambda cfg, qs, bits=bits: quant_matmul_triton(x, qs[0], qs[1], None, bits,
-                                                                                        cfg))
+                    trials = _sweep_case(x, q_c[bits], bits, m, repeats, quant_candidates(bits, m), deadline,
+                                         quant_matmul_triton, replace)
                     row[f"{name}_sweep"] = trials
-                    _install_winner(trials, tuning_key(bits, g, m, k, n), tuned)
+                    ok = [r for r in trials if "ms" in r]
+                    if ok:
+                        best = min(ok, key=lambda r: r["ms"])
+                        cfg = best["_cfg"]
+                        key = tuning_key(bits, g, m, k, n)
+                        tuned[key] = cfg
+                        register_tuned({key: cfg})
+                    for r in trials:
+                        r.pop("_cfg", None)
                 cfg = tile_config(m, n, k, bits, g)
                 row[f"{name}_config"] = cfg.to_dict()
                 try:
@@ -310,18 +315,16 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline,
     return tuned
 
 
-def _sweep_case(copies_, label, repeats, candidates, deadline, run) -> list[dict]:
-    """Stage 1: every candidate at the default split; stage 2: the winner at other splits.
-    run(cfg, item) runs the op once with launch config cfg on one of the rotated `copies_`."""
-    from dataclasses import replace
-
+def _sweep_case(x, copies_, bits, m, repeats, candidates, deadline, matmul, replace) -> list[dict]:
+    """Stage 1: every candidate at the default split; stage 2: the winner at other splits."""
     out = []
 
     def trial(cfg):
         if time.perf_counter() > deadline:
             return
         try:
-            t = time_per_op([lambda item=item: run(cfg, item) for item in copies_], max(10, repeats // 2))
+            t = time_per_op([lambda qs=qs: matmul(x, qs[0], qs[1], None, bits, cfg) for qs in copies_],
+                            max(10, repeats // 2))
             out.append({"config": cfg.to_dict(), "ms": t, "_cfg": cfg})
         except Exception as exc:  # out of registers / shared memory and the like
             out.append({"config": cfg.to_dict(), "error": str(exc).splitlines()[0][:160]})
@@ -338,81 +341,11 @@ def _sweep_case(copies_, label, repeats, candidates, deadline, run) -> list[dict
     if ok:
         best = min(ok, key=lambda r: r["ms"])
         c = best["config"]
-        print(f"      sweep {label}: {len(ok)} configs, best {c['kernel']} {c['block_m']}x{c['block_n']} "
+        print(f"      sweep int{bits} M={m}: {len(ok)} configs, best {c['kernel']} {c['block_m']}x{c['block_n']} "
               f"w{c['num_warps']} s{c['num_stages']} pf{c['prefetch']} bk{c['block_k']} waves{c['waves']} "
               f"{'A ' if c.get('w_is_a') else ''}"
               f"split{c['split_k']} {best['ms'] * 1e3:.1f} us")
     return out
-
-
-def _install_winner(trials: list[dict], key: str, tuned: dict) -> None:
-    """The fastest trial's config goes into `tuned` under `key` and is installed for the rest of the run."""
-    from engine.kernels.quant_tuning import register_tuned
-
-    ok = [r for r in trials if "ms" in r]
-    if ok:
-        cfg = min(ok, key=lambda r: r["ms"])["_cfg"]
-        tuned[key] = cfg
-        register_tuned({key: cfg})
-    for r in trials:
-        r.pop("_cfg", None)
-
-
-def dense_candidates() -> list:
-    """Launch shapes of the dense GEMV: (rows, columns a step, warps). A thread's fp32 accumulators
-    are rows x columns / (2 threads): 32 for most (~165 registers with the ring, sass_report.py),
-    16 for two (~95)."""
-    from engine.kernels.quant_tuning import TileConfig as T
-
-    shapes = [(32, 256, 4), (16, 256, 2), (64, 256, 8), (16, 512, 4), (8, 512, 2), (32, 512, 8), (64, 128, 4),
-              (32, 128, 2), (8, 256, 1), (16, 128, 1), (16, 256, 4), (32, 256, 8)]
-    out = [T(1, bn, w, 1, kernel="gemv", block_k=bk) for bn, bk, w in shapes]
-    return out + [T(1, 32, 4, 1, kernel="gemv", block_k=256, prefetch=0), T(1, 16, 2, 1, kernel="gemv", block_k=256,
-                                                                              waves=8)]
-
-
-def bench_dense(device, dtype, shapes, repeats, sweep, deadline, rows: list, save) -> dict:
-    """Batch-1 dense projections: cuBLAS F.linear against the Triton GEMV (dense_matmul.py), one
-    row per (K, N), saving after each; returns the sweep's winners."""
-    from engine.kernels.dense_matmul import dense_linear
-    from engine.kernels.quant_tuning import DENSE_BITS, TileConfig, register_tuned, tile_config, tuning_key
-
-    tuned = {}
-    for k, n in shapes:
-        w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
-        nbytes = w.numel() * w.element_size()
-        copies_ = [w] + [w.clone() for _ in range(copies_for(nbytes) - 1)]
-        x = torch.randn(1, k, device=device, dtype=dtype)
-        io = (k + n) * 2
-        row = {"K": k, "N": n, "M": 1}
-        t = time_per_op([lambda wt=wt: F.linear(x, wt) for wt in copies_], repeats)
-        row["bf16_cublas_ms"], row["bf16_cublas_TBps"] = t, (nbytes + io) / t / 1e9
-        if sweep and time.perf_counter() < deadline:
-            trials = _sweep_case(copies_, f"dense K={k} N={n}", repeats, dense_candidates(), deadline,
-                                 lambda cfg, wt: dense_linear(x, wt, config=cfg))
-            row["gemv_sweep"] = trials
-            key = tuning_key(DENSE_BITS, None, 1, k, n)
-            _install_winner(trials, key, tuned)
-            best = row["gemv_sweep_best_ms"] = min((r["ms"] for r in trials if "ms" in r), default=None)
-            if best is None or best > row["bf16_cublas_ms"]:  # the shape stays with cuBLAS
-                tuned[key] = TileConfig(1, 32, 4, 1, kernel="cublas")
-                register_tuned({key: tuned[key]})
-        row["gemv_config"] = tile_config(1, n, k, DENSE_BITS).to_dict()
-        try:
-            t = time_per_op([lambda wt=wt: dense_linear(x, wt) for wt in copies_], repeats)
-        except Exception as exc:  # keep the run going; the row says what failed
-            row["gemv_error"] = str(exc).splitlines()[0][:200]
-            t = float("nan")
-        row["gemv_ms"], row["gemv_TBps"] = t, (nbytes + io) / t / 1e9
-        row["gemv_speedup_vs_cublas"] = row["bf16_cublas_ms"] / t
-        rows.append(row)
-        c = row["gemv_config"]
-        log(f"K={k:5d} N={n:6d} M=1 | cuBLAS {row['bf16_cublas_ms'] * 1e3:7.1f} us {row['bf16_cublas_TBps']:4.2f} TB/s "
-            f"| GEMV {t * 1e3:7.1f} us x{row['gemv_speedup_vs_cublas']:4.2f} {row['gemv_TBps']:4.2f} TB/s "
-            f"[{c['kernel']} {c['block_n']}x{c['block_k']} w{c['num_warps']} waves{c['waves']} pf{c['prefetch']}]")
-        save()
-        del copies_
-    return tuned
 
 
 def _print_quant_row(r: dict) -> None:
@@ -555,10 +488,6 @@ def summary(report: dict) -> None:
               f"int4 x{r['int4_speedup_vs_bf16']:4.2f} ({r['int4_config']['kernel']}, "
               f"{100 * r['int4_TBps'] / c['copy_TBps']:3.0f}% of copy)  "
               f"torch-int4 x{t4 if t4 else float('nan'):4.2f}")
-    for r in report.get("dense_gemv", []):
-        print(f"K={r['K']:5d} N={r['N']:6d} M=1  cuBLAS {r['bf16_cublas_ms'] * 1e3:6.1f}us  "
-              f"GEMV {r['gemv_ms'] * 1e3:6.1f}us x{r['gemv_speedup_vs_cublas']:4.2f} "
-              f"({100 * r['gemv_TBps'] / c['copy_TBps']:3.0f}% of copy)")
     for r in report.get("decode_attention", []):
         print(f"B={r['batch']:2d} ctx={r['context']:5d}  paged {r['paged_ms'] * 1e3:7.1f}us "
               f"{r['paged_pct_of_copy']:5.1f}% of copy  SDPA {r['sdpa_ms'] * 1e3:7.1f}us  x{r['paged_vs_sdpa']:4.2f}")
@@ -567,9 +496,7 @@ def summary(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results path")
-    p.add_argument("--only", choices=["quant", "dense", "attention", "all"], default="all",
-                   help="quant: weight-only int8/int4 matmuls; dense: the batch-1 bf16 GEMV against cuBLAS on "
-                        "the model shapes; attention: paged decode attention")
+    p.add_argument("--only", choices=["quant", "attention", "all"], default="all")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--sweep", action="store_true", help="time launch configs; install and write the winners")
@@ -591,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         dtype = torch.bfloat16 if cuda else torch.float16
         ms_list, shapes, batches, contexts = [1, 4], [(256, 128)], [1, 2], [64]
-        dense_shapes = [(256, 128), (192, 40)]
         heads, repeats = (8, 2, 64, 16), 1 if not cuda else args.repeats
         ROTATE_BYTES = 1 << 16
         copy_bytes = 1 << 20
@@ -599,9 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16
         # Target shapes first: if the sweep budget runs out, the later cases keep their defaults.
         ms_list, shapes = [1, 16, 4, 64], [(4096, 14336), (14336, 4096), (4096, 4096)]
-        if args.model_shapes:
-            ms_list, shapes = [1], MODEL_SHAPES
-        dense_shapes = MODEL_SHAPES
+        if args.model_shapes:  # (K, N): 1B then 8B, each qkv, o, gate_up, down, lm_head
+            ms_list = [1]
+            shapes = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (2048, 128256),
+                      (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
         batches, contexts = [1, 8, 32, 64], [512, 2048, 8192]
         heads, repeats = (32, 8, 128, 16), args.repeats
         copy_bytes = 2 << 30
@@ -636,24 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"copy {copy_tbps:.2f} TB/s eager (graph-replayed {report['ceilings']['copy_graph_TBps']:.2f}), "
         f"read-only {report['ceilings'].get('read_TBps', float('nan')):.2f} TB/s")
     save()
-    tuned = {}
     if args.only in ("quant", "all"):
         log("weight-only matmul (us per call; speedup vs cuBLAS bf16 in the same run)")
         quant_deadline = deadline - (0.3 * args.budget_s if args.only == "all" else 0)
         report["quant_matmul"] = []
-        tuned.update(bench_quant(device, dtype, ms_list, shapes, args.group_size, repeats, args.sweep, quant_deadline,
-                                 report["quant_matmul"], save))
-    if args.only in ("dense", "all"):
-        log("dense GEMV at batch 1 (us per call; speedup vs cuBLAS in the same run)")
-        dense_deadline = deadline - (0.15 * args.budget_s if args.only == "all" else 0)
-        report["dense_gemv"] = []
-        tuned.update(bench_dense(device, dtype, dense_shapes, repeats, args.sweep, dense_deadline,
-                                 report["dense_gemv"], save))
-    if args.sweep and args.only != "attention":
-        path = Path(args.tuned_out) if args.tuned_out else out.with_name("quant_tuned.json")
-        write_tuned(tuned, path, name, report["commit"])
-        report["quant_tuned_path"] = str(path)
-        log(f"wrote {len(tuned)} tuned entries to {path} and {path.with_suffix('.py')}")
+        tuned = bench_quant(device, dtype, ms_list, shapes, args.group_size, repeats, args.sweep, quant_deadline,
+                            report["quant_matmul"], save)
+        if args.sweep:
+            path = Path(args.tuned_out) if args.tuned_out else out.with_name("quant_tuned.json")
+            write_tuned(tuned, path, name, report["commit"])
+            report["quant_tuned_path"] = str(path)
+            log(f"wrote {len(tuned)} tuned entries to {path} and {path.with_suffix('.py')}")
         save()
     if args.only in ("attention", "all"):
         hq, hkv, d, page = heads

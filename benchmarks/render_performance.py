@@ -128,20 +128,6 @@ def render_kernels_model_shapes(d: dict) -> str:
     return render_kernels(d).split("\n\n| batch x context")[0]
 
 
-def render_kernels_dense(d: dict) -> str:
-    """The batch-1 dense GEMV against cuBLAS (`bench_kernels.py --only dense`)."""
-    lines = [provenance(d), "", f"Copy bandwidth in the same run: {d['copy_TBps']:.2f} TB/s.", "",
-             "| K x N | cuBLAS bf16 us (TB/s) | Triton GEMV, best of the sweep, us (TB/s) | GEMV / cuBLAS speed "
-             "| dispatched to |", "|---|---|---|---|---|"]
-    for r in d.get("dense_gemv", []):
-        base, best = r["bf16_cublas_ms"], r.get("gemv_sweep_best_ms") or r["gemv_ms"]
-        tbps = r["bf16_cublas_TBps"] * base / best
-        lines.append(f"| {r['K']} x {r['N']} | {base * 1e3:.1f} ({r['bf16_cublas_TBps']:.2f}) | {best * 1e3:.1f} "
-                     f"({tbps:.2f}) | {base / best:.2f}x | "
-                     f"{'cuBLAS' if r['gemv_config']['kernel'] == 'cublas' else 'GEMV'} |")
-    return "\n".join(lines)
-
-
 def render_kernels_attention(d: dict) -> str:
     """The paged-decode table of an attention-only run (`bench_kernels.py --only attention`)."""
     return render_kernels(d).replace(
@@ -196,15 +182,15 @@ def newest(results: Path) -> dict[str, dict]:
         shape = d.get("settings", {}).get("shape", "")
         if kind == "multi_lora" and shape not in ("", "llama-1b"):  # one table per model shape
             kind = f"multi_lora_{shape.rsplit('-', 1)[-1]}"
-        if kind == "kernels" and not d.get("quant_matmul"):  # attention-only and dense-only runs: own tables
-            kind = "kernels_dense" if d.get("dense_gemv") else "kernels_attention"
+        if kind == "kernels" and not d.get("quant_matmul"):  # an attention-only run has its own table
+            kind = "kernels_attention"
         if kind == "kernels" and "--model-shapes" in d.get("settings", {}).get("command", ""):
             kind = "kernels_model_shapes"
         if kind == "decode" and d.get("settings", {}).get("lm_head_bits") is not None:
             kind = "decode_quantized_head"  # a variant run (quoted in the text), not the table's
         if kind == "decode" and not d.get("settings", {}).get("hf_new_tokens", True):
             kind = "decode_variant"  # without the HF baseline (--no-hf): an A/B arm, quoted in the text
-        if kind in ("decode", "kernels", "kernels_model_shapes", "kernels_dense") and "H100" in str(d.get("gpu") or d.get("hardware")):
+        if kind in ("decode", "kernels", "kernels_model_shapes") and "H100" in str(d.get("gpu") or d.get("hardware")):
             kind += "_h100"  # the targets are set on an H200; H100 runs get tables of their own
         if kind and (kind not in found or d.get("date", "") > found[kind].get("date", "")):
             found[kind] = d
@@ -215,8 +201,7 @@ def render(doc: str, docs: dict[str, dict]) -> str:
     blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
               "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora,
               "kernels_attention": render_kernels_attention, "decode_h100": render_decode,
-              "kernels_h100": render_kernels, "kernels_model_shapes_h100": render_kernels_model_shapes,
-              "kernels_dense": render_kernels_dense, "kernels_dense_h100": render_kernels_dense}
+              "kernels_h100": render_kernels, "kernels_model_shapes_h100": render_kernels_model_shapes}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)

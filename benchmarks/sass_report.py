@@ -11,7 +11,6 @@ it); no driver or GPU. Run it with the Triton version the GPU machine uses (3.6 
     python benchmarks/sass_report.py int4_gemv_h2    # the packed-half int4 GEMV
     python benchmarks/sass_report.py int8_gemv_h2    # its int8 variant
     python benchmarks/sass_report.py lora_           # the batched-LoRA shrink and expand kernels
-    python benchmarks/sass_report.py dense_gemv      # the batch-1 dense GEMV
 """
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ DIV16 = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "q_ptr", "k_cache_ptr
 
 
 def _cases():
-    from engine.kernels.dense_gemv_triton import _dense_gemv_kernel
     from engine.kernels.paged_decode_triton import _decode_kernel
     from engine.kernels.quant_gemv_h2_triton import PRE_COLS, _gemv_h2_kernel
     from engine.kernels.quant_gemv_triton import _gemv_kernel
@@ -57,12 +55,6 @@ def _cases():
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
                                             SKIND=0, PRE=PRE_COLS, DEPTH=depth, EMULATE=False), warps, 1,
                 bn * 64 * (depth + 1))
-
-    def dense(bn, bk, warps, prefetch=2):  # the hot loop: 3 steps (ring unrolled) of bn x bk bf16
-        return (_dense_gemv_kernel, dict(PTRS, x_ptr="*i32"), dict(BLOCK_N=bn, WORDS=bk // 2, SPLIT=True,
-                                                                   HAS_BIAS=False, IS_BF16=True, PREFETCH=prefetch,
-                                                                   UNROLL=3 if prefetch else 1),
-                warps, 1, bn * bk * 2 * (3 if prefetch else 1))
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -104,10 +96,6 @@ def _cases():
         "lora_expand_rows_m16_n128_s1_w4": expand(16, 128, 1, 4, True, False),
         "lora_expand_rows_m16_n128_s3_w4": expand(16, 128, 3, 4, True, False),
         "lora_expand_rows_dora_m16_n128_s1_w4": expand(16, 128, 1, 4, True, True),
-        "dense_gemv_n32_k256_w4": dense(32, 256, 4), "dense_gemv_n16_k256_w2": dense(16, 256, 2),
-        "dense_gemv_n64_k256_w8": dense(64, 256, 8), "dense_gemv_n16_k512_w4": dense(16, 512, 4),
-        "dense_gemv_n8_k512_w2": dense(8, 512, 2), "dense_gemv_n16_k128_w1": dense(16, 128, 1),
-        "dense_gemv_n16_k256_w4": dense(16, 256, 4), "dense_gemv_n32_k256_w4_pf0": dense(32, 256, 4, 0),
         "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
         "int4_gemv_m4_n64_w4": gemv(4, 16, 4, 64, 4), "int8_gemv_m1_n64_w4": gemv(8, 32, 1, 64, 4),
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),

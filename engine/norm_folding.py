@@ -6,10 +6,9 @@ the norm (q/k/v after the input norm, gate/up after the post-attention norm) onc
 the scalar r is applied after the matmul by the kernel that consumes its output anyway: the RoPE +
 KV-write kernel for q, k and v (engine/kernels/rope.py), the SwiGLU kernel for gate and up
 (engine/kernels/activation.py); each computes r from the token's residual row itself. The
-residual adds move into the o_proj and down_proj matmuls (in place: the residual is the matmul's
-C operand, beta = 1 in cuBLAS's addmm_, or the epilogue of the batch-1 dense GEMV,
-engine/kernels/dense_matmul.py), so layers hand each other one plain residual tensor. A decode
-step then launches two kernels fewer a layer (the final norm before lm_head stays).
+residual adds move into the o_proj and down_proj matmuls (addmm_ in place: the residual is the
+matmul's C operand, beta = 1), so layers hand each other one plain residual tensor. A decode step then
+launches two kernels fewer a layer (the final norm before lm_head stays).
 
 When it applies (`can_fold`): every layer dense (Attention + MLP) without biases (a bias would
 be scaled by r as well), its projections plain nn.Linear or weight-only quantized (QuantLinear).
@@ -34,7 +33,6 @@ from torch import nn
 from engine.config import env_switch
 from engine.fusion import FusedRMSNorm, merge_linears, split_qkv
 from engine.kernels.activation import silu_and_mul
-from engine.kernels.dense_matmul import dense_linear
 from engine.kernels.rmsnorm import rms_scale
 from engine.model import MLP, Attention, DecoderLayer, RMSNorm, apply_rope, causal_attention
 from engine.quant import QuantLinear
@@ -114,19 +112,12 @@ def _folded(projections: list[nn.Module], norm: RMSNorm) -> nn.Module:
     return merged
 
 
-def project(x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
-    """proj(x); a dense projection runs through dense_linear (the Triton GEMV at batch 1 on CUDA)."""
-    if type(proj) is nn.Linear:
-        return dense_linear(x, proj.weight, proj.bias)
-    return proj(x)
-
-
 def add_projection_(residual: torch.Tensor, x: torch.Tensor, proj: nn.Module) -> None:
     """residual [N, d] += proj(x [N, k]) in place, rounded once (no copy of the residual first)."""
     if isinstance(proj, QuantLinear):
         proj.forward_add_(x, residual)
     else:
-        dense_linear(x, proj.weight, accumulate=residual)
+        residual.addmm_(x, proj.weight.t())
 
 
 class FoldedDecoderLayer(nn.Module):
@@ -151,7 +142,7 @@ class FoldedDecoderLayer(nn.Module):
 
     def _attend(self, x, cos, sin, attn):
         # Projections of the un-normalized residual: r scales them next.
-        q, k, v = split_qkv(project(x, self.qkv_proj), self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
         if getattr(attn, "applies_rope", False):
             return attn.attend(self.layer_idx, q, k, v, rms_source=x, eps=self.attn_eps)
         r = rms_scale(x, self.attn_eps)[..., None, None]  # [B, T, 1, 1]
@@ -167,7 +158,7 @@ class FoldedDecoderLayer(nn.Module):
         out = self._attend(x, cos, sin, attn).reshape(b * t, -1)
         x2 = x.view(b * t, d)
         add_projection_(x2, out, self.o_proj)  # x += o_proj(out)
-        h = silu_and_mul(project(x2, self.gate_up_proj), rms_source=x2, eps=self.mlp_eps)
+        h = silu_and_mul(self.gate_up_proj(x2), rms_source=x2, eps=self.mlp_eps)
         add_projection_(x2, h, self.down_proj)
         return x
 

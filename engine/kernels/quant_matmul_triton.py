@@ -202,7 +202,7 @@ def _dot_order(k: int, group: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(0, k, group, device=device)[:, None] + col[None, :]).reshape(-1)
 
 
-def split_plan(tiles: int, steps: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
+def _split(tiles: int, steps: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
     """(splits, steps per split). Default: ~waves programs per SM, each at least min_steps long."""
     if cfg.split_k is not None:
         want = cfg.split_k
@@ -257,7 +257,7 @@ def quant_matmul_triton(
     if cfg.kernel == "gemv_h2":
         if gemv_h2_supported(x2, scales, bits):
             steps = gemv_h2_steps(k, scales, bits)
-            split, per_split = split_plan(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
+            split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
             gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits,
                     accumulate=accumulate is not None, depth=cfg.prefetch if cfg.prefetch in RING_DEPTHS else 2)
             return out.view(*x.shape[:-1], n_out)
@@ -265,7 +265,7 @@ def quant_matmul_triton(
     if cfg.kernel == "mma":
         if bits == 4 and mma_supported(x2, scales):
             tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-            split, per_split = split_plan(tiles, k // group, cfg, x.device)
+            split, per_split = _split(tiles, k // group, cfg, x.device)
             int4_mma(x2, words, scales, bias, out, cfg, split, per_split, accumulate=accumulate is not None)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="dot")
@@ -279,7 +279,7 @@ def quant_matmul_triton(
                 word_step //= 2
         steps = k // (word_step * (32 // bits))
         tiles = triton.cdiv(n_out, cfg.block_n) * triton.cdiv(m, block_m)
-        split, per_split = split_plan(tiles, steps, cfg, x.device)
+        split, per_split = _split(tiles, steps, cfg, x.device)
         grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(m, block_m), split)
         part, locks = split_scratch(out, split, tiles, words)
         _gemv_kernel[grid](
@@ -305,7 +305,7 @@ def quant_matmul_triton(
         permute = m >= PERMUTE_X_MIN_M
         if permute:
             x2 = x2.index_select(1, _dot_order(k, group, x.device))
-        split, per_split = split_plan(tiles, steps, cfg, x.device)
+        split, per_split = _split(tiles, steps, cfg, x.device)
         part, locks = split_scratch(out, split, tiles, words)
         _int4_dot_kernel[grid_mn + (split,)](
             x2, words, scales, bias_arg, out, part, locks, m, n_out, steps, per_split,
@@ -316,7 +316,7 @@ def quant_matmul_triton(
     else:
         block_k = cfg.block_k
         steps = triton.cdiv(k, block_k)
-        split, per_split = split_plan(tiles, steps, cfg, x.device)
+        split, per_split = _split(tiles, steps, cfg, x.device)
         part, locks = split_scratch(out, split, tiles, words)
         _int8_dot_kernel[grid_mn + (split,)](
             x2, qweight, scales, bias_arg, out, part, locks, m, n_out, k, per_split * block_k,

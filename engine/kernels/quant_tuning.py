@@ -1,5 +1,4 @@
-"""Launch configurations of the weight-only matmuls (and of the dense bf16 / fp16 GEMV, bits = 16,
-dense_gemv_triton.py): measured winners first, heuristics second.
+"""Launch configurations of the weight-only matmuls: measured winners first, heuristics second.
 
 tile_config(m, n, k, bits, group) looks the call up, by (bits, group, M bucket, K, N), in
   0. entries installed in this process with register_tuned() (a running benchmark sweep),
@@ -18,7 +17,6 @@ from functools import lru_cache
 
 DEQUANT_MIN_M = 1024  # from here on: dequantize once, then cuBLAS (compute-bound)
 KERNELS = ("gemv", "gemv_h2", "dot", "mma", "dequant")
-DENSE_KERNELS = ("gemv", "cublas")  # a dense entry: the Triton GEMV, or cuBLAS where it measured faster
 
 
 @dataclass(frozen=True)
@@ -62,14 +60,9 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(m, 1))))
 
 
-DENSE_BITS = 16  # the `bits` of a dense (unquantized) weight: the dense GEMV's table entries
-
-
 def default_config(m: int, bits: int = 4) -> TileConfig:
     """Heuristic launch shape, used where no measured entry applies (shapes checked offline for
     register spills with ptxas for sm_90)."""
-    if bits == DENSE_BITS:  # the dense GEMV: 32 rows x 256 columns a step, 4 warps
-        return TileConfig(1, 32, 4, 1, kernel="gemv", block_k=256)
     if m >= DEQUANT_MIN_M:
         return TileConfig(128, 128, 8, 3, kernel="dequant")
     # The CUDA-core GEMV pays 1 FFMA a code per activation row: from 2 rows (int4) or 4 (int8) on,
@@ -85,13 +78,8 @@ def default_config(m: int, bits: int = 4) -> TileConfig:
     return TileConfig(128, 128, 8, 3)
 
 
-def _prefix(bits: int, group: int | None, m: int) -> str:
-    kind = "dense" if bits == DENSE_BITS else f"int{bits}"
-    return f"{kind}/g{group or 0}/m{m_bucket(m)}/"
-
-
 def _key(bits: int, group: int | None, m: int, k: int, n: int) -> str:
-    return f"{_prefix(bits, group, m)}k{k}/n{n}"
+    return f"int{bits}/g{group or 0}/m{m_bucket(m)}/k{k}/n{n}"
 
 
 def _parse(entries: dict) -> dict[str, TileConfig]:
@@ -123,7 +111,7 @@ def _tables(env_path: str | None) -> list[dict[str, TileConfig]]:
 
 
 def _nearest(table: dict[str, TileConfig], bits: int, group: int | None, m: int, k: int, n: int):
-    prefix = _prefix(bits, group, m)
+    prefix = f"int{bits}/g{group or 0}/m{m_bucket(m)}/"
     best, best_d = None, None
     for key, cfg in table.items():
         if not key.startswith(prefix):

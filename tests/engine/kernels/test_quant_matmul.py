@@ -236,9 +236,7 @@ def _committed_configs():
     from engine.kernels.quant_tuned import TUNED
 
     seen = {}
-    for key, entry in TUNED.items():  # "int4/g128/m1/k4096/n14336" (dense entries: test_dense_gemv.py)
-        if key.startswith("dense/"):
-            continue
+    for key, entry in TUNED.items():  # "int4/g128/m1/k4096/n14336"
         bits, group, m = map(int, re.fullmatch(r"int(\d+)/g(\d+)/m(\d+)/k\d+/n\d+", key).groups())
         seen.setdefault((bits, group or None, m, tuple(sorted(entry.items()))), key)
     return sorted(seen.items(), key=lambda item: item[1])

@@ -20,14 +20,14 @@ def _case(device, dtype, m, n, k, group, bias, cfg, calls=1):
     """Fresh weights once, fresh activations each call, written into a NaN-poisoned output."""
     import triton
 
-    from engine.kernels.quant_matmul_triton import split_plan
+    from engine.kernels.quant_matmul_triton import _split
     from engine.kernels.quant_mma_triton import int4_mma
 
     w = torch.randn(n, k, device=device) * 0.05
     q, s = quantize_int4(w, group, dtype)
     b = torch.randn(n, device=device).to(dtype) if bias else None
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    split, per_split = split_plan(tiles, k // group, cfg, torch.device(device))
+    split, per_split = _split(tiles, k // group, cfg, torch.device(device))
     for _ in range(calls):  # split-K arrival counters must be back at zero for the next call
         x = torch.randn(m, k, device=device).to(dtype)
         y = torch.full((m, n), float("nan"), device=device, dtype=dtype)
