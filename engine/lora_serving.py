@@ -213,9 +213,6 @@ class ServingLoraLinear(nn.Module):
         return f"slots={self.lora_a.shape[0]}, max_rank={self.max_rank}, slices={len(self.slice_paths)}"
 
 
-PACKED = PACKED_PROJECTIONS  # fused projections and the adapter targets they hold, in output order
-
-
 def _slices(parent: nn.Module, path: str, leaf: str, layer: nn.Module) -> list[tuple[str, int]]:
     """(adapter target path, output size) of each slice of the layer at `path`."""
     prefix = path[: -len(leaf)]
@@ -226,7 +223,7 @@ def _slices(parent: nn.Module, path: str, leaf: str, layer: nn.Module) -> list[t
         sizes = [layer.out_features // 2] * 2
     else:
         return [(path, layer.out_features)]
-    return [(prefix + name, size) for name, size in zip(PACKED[leaf], sizes)]
+    return [(prefix + name, size) for name, size in zip(PACKED_PROJECTIONS[leaf], sizes)]
 
 
 def inject_serving_lora(model: nn.Module, targets: tuple[str, ...], context: LoraStepContext, num_slots: int,
@@ -235,7 +232,8 @@ def inject_serving_lora(model: nn.Module, targets: tuple[str, ...], context: Lor
     ServingLoraLinear, in place; returns the wrappers in model order."""
     param = next(model.parameters())
     found = [(path, mod) for path, mod in model.named_modules() if path and is_linear(mod)
-             and (path.rsplit(".", 1)[-1] in targets or set(PACKED.get(path.rsplit(".", 1)[-1], ())) & set(targets))]
+             and (path.rsplit(".", 1)[-1] in targets
+                  or set(PACKED_PROJECTIONS.get(path.rsplit(".", 1)[-1], ())) & set(targets))]
     wrappers = []
     for path, layer in found:
         parent_path, _, leaf = path.rpartition(".")
