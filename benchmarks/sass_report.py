@@ -47,9 +47,9 @@ def _cases():
     from engine.kernels.quant_mma_triton import _int4_mma_kernel
     from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
 
-    def gemv(bits, words, bm, bn, warps):
+    def gemv(bits, words, bm, bn, warps, scales_2d=False):
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
-                                         PREFETCH=2), warps, 1, bn * words * 4)
+                                         PREFETCH=2, SCALES_2D=scales_2d), warps, 1, bn * words * 4)
 
     def gemv_h2(bn, warps, bits=4, depth=2):  # the hot loop is depth + 1 steps of 16 words (64 bytes) a row
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
@@ -96,7 +96,9 @@ def _cases():
         "lora_expand_rows_m16_n128_s1_w4": expand(16, 128, 1, 4, True, False),
         "lora_expand_rows_m16_n128_s3_w4": expand(16, 128, 3, 4, True, False),
         "lora_expand_rows_dora_m16_n128_s1_w4": expand(16, 128, 1, 4, True, True),
-        "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
+        "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_s2d_m1_n128_w4": gemv(4, 16, 1, 128, 4, True),
+        "int4_gemv_s2d_m1_n128_w8": gemv(4, 16, 1, 128, 8, True), "int4_gemv_m1_n128_w8": gemv(4, 16, 1, 128, 8),
+        "int4_gemv_s2d_m1_n64_w4": gemv(4, 16, 1, 64, 4, True), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
         "int4_gemv_m4_n64_w4": gemv(4, 16, 4, 64, 4), "int8_gemv_m1_n64_w4": gemv(8, 32, 1, 64, 4),
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),
         "int4_gemv_h2_m1_n256_w4": gemv_h2(256, 4), "int4_gemv_h2_m1_n128_w2": gemv_h2(128, 2),
