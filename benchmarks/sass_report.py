@@ -51,10 +51,11 @@ def _cases():
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
                                          PREFETCH=2, SCALES_2D=scales_2d), warps, 1, bn * words * 4)
 
-    def gemv_h2(bn, warps, bits=4, depth=2):  # the hot loop is depth + 1 steps of 16 words (64 bytes) a row
+    def gemv_h2(bn, warps, bits=4, depth=2, stages=1):
+        # The ring's hot loop is depth + 1 steps of 16 words (64 bytes) a row; the pipelined one (stages > 1) one.
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
-                                            SKIND=0, PRE=PRE_COLS, DEPTH=depth, EMULATE=False), warps, 1,
-                bn * 64 * (depth + 1))
+                                            SKIND=0, PRE=PRE_COLS, DEPTH=depth, STAGES=stages, EMULATE=False), warps,
+                stages, bn * 64 * (depth + 1 if stages == 1 else 1))
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -106,6 +107,9 @@ def _cases():
         "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8), "int4_gemv_h2_m1_n32_w1": gemv_h2(32, 1),
         "int4_gemv_h2_m1_n64_w2_d3": gemv_h2(64, 2, depth=3), "int4_gemv_h2_m1_n128_w4_d3": gemv_h2(128, 4, depth=3),
         "int8_gemv_h2_m1_n64_w1_d3": gemv_h2(64, 1, 8, depth=3),
+        "int4_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, stages=4), "int4_gemv_h2_m1_n128_w4_s4": gemv_h2(128, 4, stages=4),
+        "int4_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, stages=3), "int4_gemv_h2_m1_n256_w4_s3": gemv_h2(256, 4, stages=3),
+        "int4_gemv_h2_m1_n32_w1_s4": gemv_h2(32, 1, stages=4), "int8_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, 8, stages=3), "int8_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, 8, stages=4),
         "int8_gemv_h2_m1_n256_w4": gemv_h2(256, 4, 8), "int8_gemv_h2_m1_n128_w2": gemv_h2(128, 2, 8),
         "int8_gemv_h2_m1_n128_w4": gemv_h2(128, 4, 8), "int8_gemv_h2_m1_n64_w2": gemv_h2(64, 2, 8),
         "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),

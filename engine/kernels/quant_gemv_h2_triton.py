@@ -389,7 +389,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
     # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
@@ -411,6 +411,27 @@ def _gemv_h2_kernel(
     first = pid_k * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     end = last - 1
+    if STAGES > 1:
+        # Staged through shared memory by Triton's pipeliner (cp.async, STAGES - 1 steps in
+        # flight a program) instead of the register ring: the loads no longer wait on the compute.
+        wait_for_inputs(PDL)
+        scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
+        # Scales are 2 bytes a row, too narrow for cp.async: loaded by PTX one step ahead instead
+        # (a value carried over two steps would stop the pipeliner).
+        acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
+        if BITS == 4:
+            s_next = _load_scales(s_ptrs + first, SKIND, EMULATE)
+        for st in tl.range(first, last, num_stages=STAGES):
+            wv = tl.load(w_ptrs + st * WORDS)
+            if BITS == 4:
+                sv = s_next
+                s_next = _load_scales(s_ptrs + tl.minimum(st + 1, end), SKIND, EMULATE)
+                acc += _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv
+            else:
+                acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
+        _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr,
+                stride_om, BITS, SPLIT, HAS_BIAS, ACCUMULATE)
+        return
     # The ring's first DEPTH steps are requested before the pre-pass, whose latency they overlap
     # (and, under programmatic dependent launch, before the wait for the previous kernel).
     w_a = tl.load(w_ptrs + first * WORDS)
@@ -446,6 +467,15 @@ def _gemv_h2_kernel(
         else:
             acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
 
+    _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr,
+            stride_om, BITS, SPLIT, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
+            BITS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Row sums of the fp32 partials back to the activations' scale (int8: times the per-channel
+    scale), stored, or written as this slice's partial and reduced by the slice that ends last."""
     total = tl.sum(acc, 1) * inv  # [BLOCK_N]
     if BITS == 8:  # the per-channel scale commutes with the K sum
         total = total * tl.load(s_ptr + rows).to(tl.float32)
@@ -476,12 +506,14 @@ def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
 
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
-            emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2) -> torch.Tensor:
+            emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2,
+            stages: int = 1) -> torch.Tensor:
     """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
     int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
     `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
     emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out;
-    depth: steps in flight ahead of the one computed (RING_DEPTHS)."""
+    depth: steps in flight ahead of the one computed (RING_DEPTHS); stages > 1: no register ring,
+    the weights and scales staged through shared memory by the pipeliner, stages - 1 steps ahead."""
     assert depth in RING_DEPTHS, depth
     m, k = x2.shape
     n_out = words.shape[0]
@@ -497,8 +529,8 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
-        PRE=PRE_COLS, DEPTH=depth,
-        EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
+        PRE=PRE_COLS, DEPTH=depth, STAGES=stages,
+        EMULATE=emulate, num_warps=num_warps, num_stages=stages, **pdl_launch(x2.device, early_trigger=False),
     )
     return out
 
