@@ -202,7 +202,9 @@ def quant_candidates(bits: int, m: int) -> list:
             # at 8 rows a thread, 6.1 at 4), so many programs an SM.
             out += [T(1, 64, 2, 4, waves=4, **h2), T(1, 64, 2, 4, waves=8, **h2), T(1, 64, 2, 4, waves=16, **h2),
                     T(1, 128, 2, 3, waves=4, **h2), T(1, 128, 2, 3, waves=8, **h2), T(1, 128, 4, 4, waves=8, **h2),
-                    T(1, 256, 4, 3, waves=4, **h2), T(1, 32, 1, 4, waves=16, **h2)]
+                    T(1, 256, 4, 3, waves=4, **h2), T(1, 32, 1, 4, waves=16, **h2),
+                    # small projections (2-8 MB): short rows of tiles, most of a slice in flight at once
+                    T(1, 16, 1, 8, waves=2, **h2), T(1, 16, 1, 8, waves=4, **h2), T(1, 32, 1, 6, waves=4, **h2)]
         else:
             out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 64, 4, 1, block_k=256, **gemv),
                     T(1, 128, 8, 1, **gemv)]

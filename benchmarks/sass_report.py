@@ -109,7 +109,7 @@ def _cases():
         "int8_gemv_h2_m1_n64_w1_d3": gemv_h2(64, 1, 8, depth=3),
         "int4_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, stages=4), "int4_gemv_h2_m1_n128_w4_s4": gemv_h2(128, 4, stages=4),
         "int4_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, stages=3), "int4_gemv_h2_m1_n256_w4_s3": gemv_h2(256, 4, stages=3),
-        "int4_gemv_h2_m1_n32_w1_s4": gemv_h2(32, 1, stages=4), "int8_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, 8, stages=3), "int8_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, 8, stages=4),
+        "int4_gemv_h2_m1_n32_w1_s4": gemv_h2(32, 1, stages=4), "int4_gemv_h2_m1_n16_w1_s8": gemv_h2(16, 1, stages=8), "int8_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, 8, stages=3), "int8_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, 8, stages=4),
         "int8_gemv_h2_m1_n256_w4": gemv_h2(256, 4, 8), "int8_gemv_h2_m1_n128_w2": gemv_h2(128, 2, 8),
         "int8_gemv_h2_m1_n128_w4": gemv_h2(128, 4, 8), "int8_gemv_h2_m1_n64_w2": gemv_h2(64, 2, 8),
         "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),
