@@ -285,7 +285,7 @@ def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages
     (4096, 1000, 3, True, torch.bfloat16, "normal"),  # partial last tile, uneven slices
     (4096, 4096, 1, False, torch.bfloat16, "large"),  # one slice
 ])
-@pytest.mark.parametrize("block_n,warps,stages", [(64, 2, 4), (128, 2, 3), (256, 4, 3)])
+@pytest.mark.parametrize("block_n,warps,stages", [(64, 2, 4), (128, 2, 3), (256, 4, 3), (16, 1, 8)])
 def test_gemv_h2_gpu_pipelined(bits, k, n, split, bias, dtype, kind, block_n, warps, stages):
     """The pipelined variant (num_stages > 1) through the dispatcher against the fp32 reference."""
     _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages)
