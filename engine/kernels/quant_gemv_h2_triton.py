@@ -389,7 +389,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr, STAGES: tl.constexpr = 1,
+    PDL: tl.constexpr, STAGES: tl.constexpr = 1, PAIR: tl.constexpr = False,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
     # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
@@ -416,19 +416,33 @@ def _gemv_h2_kernel(
         # flight a program) instead of the register ring: the loads no longer wait on the compute.
         wait_for_inputs(PDL)
         scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
-        # Scales are 2 bytes a row, too narrow for cp.async: loaded by PTX one step ahead instead
-        # (a value carried over two steps would stop the pipeliner).
+        # Scales are 2 bytes a row, too narrow for cp.async: loaded by PTX one iteration ahead
+        # instead (a value carried over two iterations would stop the pipeliner). PAIR: two steps
+        # an iteration (128 contiguous bytes of a row requested together); a second step past the
+        # slice re-reads its last step and counts zero.
         acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
         if BITS == 4:
             s_next = _load_scales(s_ptrs + first, SKIND, EMULATE)
-        for st in tl.range(first, last, num_stages=STAGES):
+            if PAIR:
+                s_next2 = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
+        for st in tl.range(first, last, 2 if PAIR else 1, num_stages=STAGES):
             wv = tl.load(w_ptrs + st * WORDS)
+            if PAIR:
+                st2 = tl.minimum(st + 1, end)
+                wv2 = tl.load(w_ptrs + st2 * WORDS)
+                keep = (st + 1 < last).to(tl.float32)
             if BITS == 4:
                 sv = s_next
-                s_next = _load_scales(s_ptrs + tl.minimum(st + 1, end), SKIND, EMULATE)
+                s_next = _load_scales(s_ptrs + tl.minimum(st + (2 if PAIR else 1), end), SKIND, EMULATE)
                 acc += _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv
+                if PAIR:
+                    sv2 = s_next2 * keep
+                    s_next2 = _load_scales(s_ptrs + tl.minimum(st + 3, end), SKIND, EMULATE)
+                    acc += _dot_words(wv2, x0 + st2 * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv2
             else:
                 acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
+                if PAIR:
+                    acc += _dot_bytes(wv2, x0 + st2 * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * keep
         _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr,
                 stride_om, BITS, SPLIT, HAS_BIAS, ACCUMULATE)
         return
@@ -507,13 +521,14 @@ def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
             emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2,
-            stages: int = 1) -> torch.Tensor:
+            stages: int = 1, pair: bool = False) -> torch.Tensor:
     """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
     int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
     `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
     emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out;
     depth: steps in flight ahead of the one computed (RING_DEPTHS); stages > 1: no register ring,
-    the weights and scales staged through shared memory by the pipeliner, stages - 1 steps ahead."""
+    the weights staged through shared memory by the pipeliner, stages - 1 loop iterations ahead,
+    each one step or (pair, with stages > 1) two."""
     assert depth in RING_DEPTHS, depth
     m, k = x2.shape
     n_out = words.shape[0]
@@ -529,7 +544,7 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
-        PRE=PRE_COLS, DEPTH=depth, STAGES=stages,
+        PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair and stages > 1,
         EMULATE=emulate, num_warps=num_warps, num_stages=stages, **pdl_launch(x2.device, early_trigger=False),
     )
     return out

@@ -268,7 +268,7 @@ def quant_matmul_triton(
             split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
             gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits,
                     accumulate=accumulate is not None, depth=cfg.prefetch if cfg.prefetch in RING_DEPTHS else 2,
-                    stages=cfg.num_stages)
+                    stages=cfg.num_stages, pair=cfg.block_k >= 2 * (k // steps))
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma":
