@@ -52,11 +52,14 @@ def _cases():
                                          PREFETCH=2, SCALES_2D=scales_2d), warps, 1, bn * words * 4)
 
     def gemv_h2(bn, warps, bits=4, depth=2, stages=1, pair=False):
+        from engine.kernels.quant_gemv_h2_triton import _prefetch_asm
+
+        pf = (stages - 1) * (2 if pair else 1) if stages > 1 else 0  # the launcher's L2 prefetch
         # The ring's hot loop is depth + 1 steps of 16 words (64 bytes) a row; the pipelined one's
         # (stages > 1) one step, or two (pair).
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
                                             SKIND=0, PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair,
-                                            EMULATE=False), warps,
+                                            PF_ASM=_prefetch_asm(pf * 64), PF_STEPS=pf, EMULATE=False), warps,
                 stages, bn * 64 * (depth + 1 if stages == 1 else (2 if pair else 1)))
 
     def dot4(bm, bn, warps, permuted=False):

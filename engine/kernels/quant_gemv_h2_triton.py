@@ -154,6 +154,12 @@ def _widen_asm(dtype: str) -> str:
         "cvt.rn.f16x2.f32 $0, c, a;", "cvt.rn.f16x2.f32 $1, d, b;", "}"])
 
 
+def _prefetch_asm(nbytes: int) -> str:
+    """PTX: an L2 prefetch of nbytes (a multiple of 16) from the 16-byte aligned address $1, no
+    wait (the dummy output $0 keeps the call in the program); "" for none."""
+    return f"cp.async.bulk.prefetch.L2.global [$1], {nbytes}; mov.u32 $0, 0;" if nbytes else ""
+
+
 # Group scales, loaded by PTX and widened to fp32 (see _load_scales), per scale dtype.
 _SCALE_ASM = {0: "{ .reg .b16 h; ld.global.nc.b16 h, [$1]; mov.b32 $0, {0, h}; }",  # bf16: the high half
               1: "{ .reg .f16 h; ld.global.nc.b16 h, [$1]; cvt.f32.f16 $0, h; }",
@@ -389,7 +395,8 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr, STAGES: tl.constexpr = 1, PAIR: tl.constexpr = False,
+    PDL: tl.constexpr, STAGES: tl.constexpr = 1, PAIR: tl.constexpr = False, PF_ASM: tl.constexpr = "",
+    PF_STEPS: tl.constexpr = 0,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
     # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
@@ -414,6 +421,13 @@ def _gemv_h2_kernel(
     if STAGES > 1:
         # Staged through shared memory by Triton's pipeliner (cp.async, STAGES - 1 steps in
         # flight a program) instead of the register ring: the loads no longer wait on the compute.
+        # The pipeliner's first loads come after the wait and the pre-pass; an L2 prefetch of
+        # those first steps of each row (PF_ASM) goes out before both.
+        if PF_ASM != "":
+            pf_first = tl.maximum(tl.minimum(first, steps - PF_STEPS), 0)
+            pf_rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+            tl.inline_asm_elementwise(PF_ASM, "=r,l", [(w_ptr + pf_rows * stride_wn + pf_first * WORDS).to(
+                tl.int64, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
         wait_for_inputs(PDL)
         scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
         # Scales are 2 bytes a row, too narrow for cp.async: loaded by PTX one iteration ahead
@@ -539,12 +553,16 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
     tiles = triton.cdiv(n_out, block_n) * m
     part, locks = split_scratch(out, split, tiles, words)
     grid = (triton.cdiv(n_out, block_n), m, split)
+    words_per_step = 16 if bits == 8 else k // steps // 8
+    pair = pair and stages > 1
+    pf_steps = min((stages - 1) * (2 if pair else 1), steps) if stages > 1 and not emulate else 0
     _gemv_h2_kernel[grid](
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
+        BITS=bits, WORDS=words_per_step, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
-        PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair and stages > 1,
+        PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair, PF_ASM=_prefetch_asm(pf_steps * words_per_step * 4),
+        PF_STEPS=pf_steps,
         EMULATE=emulate, num_warps=num_warps, num_stages=stages, **pdl_launch(x2.device, early_trigger=False),
     )
     return out
