@@ -6,7 +6,7 @@
 #   2. batch-1 decode, committed table vs the sweep's (EMBER_QUANT_TUNING), alternating
 #   3. the GPU tests of the packed-half GEMV
 #   4. the decode projections under Nsight Compute with the sweep's winners (scripts/gpu_ncu_gemv.sh)
-# Usage: [DTYPES=int4,int8] [SWEEP_S=150] [TESTS="-k pattern"] scripts/gpu_gemv_sweep_ab.sh OUTDIR
+# Usage: [DTYPES=int4,int8] [SWEEP_S=150] [ROUNDS=2] [TESTS="-k pattern"] [NCU=0] scripts/gpu_gemv_sweep_ab.sh OUTDIR
 set -uo pipefail
 out=${1:-out/gemv_sweep_ab}
 mkdir -p "$out"
@@ -20,7 +20,7 @@ timeout $(( ${SWEEP_S:-150} + 60 )) python3 benchmarks/bench_kernels.py --only q
   --budget-s "${SWEEP_S:-150}" --repeats 20 --out "$out/kernels_sweep.json" --tuned-out "$out/tuned.json" 2>&1 \
   | tail -16 | tee "$out/kernels_sweep.txt"
 
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
   for arm in committed sweep; do
     phase "decode $arm $round"
     if [ $arm = sweep ]; then tuning="$out/tuned.json"; else tuning=""; fi
@@ -34,6 +34,5 @@ phase tests
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_quant_gemv_h2.py ${TESTS:-} \
   2>&1 | tail -8 | tee "$out/pytest_gpu.txt"
 
-phase ncu
-EMBER_QUANT_TUNING="$out/tuned.json" KINDS=int4 timeout 120 scripts/gpu_ncu_gemv.sh "$out/ncu"
+[ "${NCU:-1}" = 0 ] || { phase ncu; EMBER_QUANT_TUNING="$out/tuned.json" KINDS=int4 timeout 120 scripts/gpu_ncu_gemv.sh "$out/ncu"; }
 phase done
