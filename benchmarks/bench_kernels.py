@@ -254,7 +254,8 @@ def quant_candidates(bits: int, m: int) -> list:
     return out
 
 
-def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline, rows: list, save) -> dict:
+def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline, rows: list, save,
+                sweep_bits: tuple[int, ...] = (8, 4)) -> dict:
     """Append one row per (shape, M) to `rows` (saving after each); returns the sweep's winners."""
     from dataclasses import replace
 
@@ -291,7 +292,7 @@ def bench_quant(device, dtype, ms_list, shapes, group, repeats, sweep, deadline,
             row["bf16_cublas_TBps"] = (sets["bf16"][0] + io) / t / 1e9
             for name, bits in (("int8", 8), ("int4", 4)):
                 g = group if bits == 4 else None
-                if sweep and time.perf_counter() < deadline:
+                if sweep and bits in sweep_bits and time.perf_counter() < deadline:
                     trials = _sweep_case(x, q_c[bits], bits, m, repeats, quant_candidates(bits, m), deadline,
                                          quant_matmul_triton, replace)
                     row[f"{name}_sweep"] = trials
@@ -517,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuned-out", help="where the sweep's quant table goes (default: quant_tuned.json beside --out)")
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="sweeps stop starting new trials after this many seconds (the tables still complete)")
+    p.add_argument("--sweep-bits", default="8,4", help="which weight widths the sweep tunes (the others keep their "
+                   "tables), e.g. 4")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter plumbing check)")
     p.add_argument("--model-shapes", action="store_true",
                    help="weight-only matmuls at M = 1 on the projections of the Llama-3.2-1B and Llama-3.1-8B "
@@ -582,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         quant_deadline = deadline - (0.3 * args.budget_s if args.only == "all" else 0)
         report["quant_matmul"] = []
         tuned = bench_quant(device, dtype, ms_list, shapes, args.group_size, repeats, args.sweep, quant_deadline,
-                            report["quant_matmul"], save)
+                            report["quant_matmul"], save, tuple(int(b) for b in args.sweep_bits.split(",")))
         if args.sweep:
             path = Path(args.tuned_out) if args.tuned_out else out.with_name("quant_tuned.json")
             write_tuned(tuned, path, name, report["commit"])
