@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuned-out", help="where the sweep's quant table goes (default: quant_tuned.json beside --out)")
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="sweeps stop starting new trials after this many seconds (the tables still complete)")
+    p.add_argument("--shapes", default="", help="only these (K, N) of the chosen set, as K:N,K:N (default: all)")
     p.add_argument("--sweep-bits", default="8,4", help="which weight widths the sweep tunes (the others keep their "
                    "tables), e.g. 4")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter plumbing check)")
@@ -546,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             ms_list = [1]
             shapes = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (2048, 128256),
                       (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+        if args.shapes:
+            keep = {tuple(int(v) for v in kn.split(":")) for kn in args.shapes.split(",")}
+            shapes = [kn for kn in shapes if kn in keep]
         batches, contexts = [1, 8, 32, 64], [512, 2048, 8192]
         heads, repeats = (32, 8, 128, 16), args.repeats
         copy_bytes = 2 << 30
