@@ -197,17 +197,6 @@ def quant_candidates(bits: int, m: int) -> list:
             # A three-step ring (prefetch=3): more bytes in flight a program at ~168 registers.
             out += [T(1, 64, 2, 1, waves=6, prefetch=3, **h2), T(1, 64, 2, 1, waves=8, prefetch=3, **h2),
                     T(1, 128, 4, 1, waves=4, prefetch=3, **h2), T(1, 32, 1, 1, waves=8, prefetch=3, **h2)]
-            # Pipelined (num_stages > 1): weights staged in shared memory by cp.async, stages - 1
-            # steps in flight whatever the compute does; 64-96 registers (sass_report: 4.9 a byte
-            # at 8 rows a thread, 6.1 at 4), so many programs an SM.
-            out += [T(1, 64, 2, 4, waves=4, **h2), T(1, 64, 2, 4, waves=8, **h2), T(1, 64, 2, 4, waves=16, **h2),
-                    T(1, 128, 2, 3, waves=4, **h2), T(1, 128, 2, 3, waves=8, **h2), T(1, 128, 4, 4, waves=8, **h2),
-                    T(1, 256, 4, 3, waves=4, **h2), T(1, 32, 1, 4, waves=16, **h2),
-                    # small projections (2-8 MB): short rows of tiles, most of a slice in flight at once
-                    T(1, 16, 1, 8, waves=2, **h2), T(1, 16, 1, 8, waves=4, **h2), T(1, 32, 1, 6, waves=4, **h2),
-                    # two groups an iteration (block_k 256: 128 contiguous bytes of a row requested together)
-                    T(1, 64, 2, 4, waves=8, block_k=256, **h2), T(1, 128, 2, 3, waves=4, block_k=256, **h2),
-                    T(1, 64, 2, 3, waves=16, block_k=256, **h2)]
         else:
             out += [T(1, 64, 4, 1, **gemv), T(1, 128, 4, 1, **gemv), T(1, 64, 4, 1, block_k=256, **gemv),
                     T(1, 128, 8, 1, **gemv)]
@@ -217,10 +206,7 @@ def quant_candidates(bits: int, m: int) -> list:
             out += [T(1, 128, 2, 1, waves=3, **h2), T(1, 128, 2, 1, waves=6, **h2), T(1, 256, 4, 1, waves=3, **h2),
                     T(1, 64, 1, 1, waves=4, **h2), T(1, 64, 1, 1, waves=8, **h2), T(1, 64, 2, 1, waves=4, **h2),
                     T(1, 64, 2, 1, waves=8, **h2), T(1, 32, 1, 1, waves=8, **h2), T(1, 128, 4, 1, waves=4, **h2),
-                    T(1, 64, 1, 1, waves=8, prefetch=3, **h2), T(1, 128, 2, 1, waves=6, prefetch=3, **h2),
-                    # pipelined: one step (block_k 64) or two (128) an iteration
-                    T(1, 64, 2, 4, waves=8, block_k=64, **h2), T(1, 128, 2, 3, waves=4, block_k=64, **h2),
-                    T(1, 64, 2, 4, waves=8, **h2), T(1, 128, 2, 3, waves=8, **h2)]
+                    T(1, 64, 1, 1, waves=8, prefetch=3, **h2), T(1, 128, 2, 1, waves=6, prefetch=3, **h2)]
     elif m <= 4:  # four activation rows: wider tiles spill registers
         out += [T(4, 64, 4, 1, **gemv), T(4, 128, 8, 1, **gemv)]
     if m <= 16:

@@ -47,20 +47,14 @@ def _cases():
     from engine.kernels.quant_mma_triton import _int4_mma_kernel
     from engine.kernels.lora_batched_triton import _expand_kernel, _shrink_kernel
 
-    def gemv(bits, words, bm, bn, warps, scales_2d=False):
+    def gemv(bits, words, bm, bn, warps):
         return (_gemv_kernel, PTRS, dict(BITS=bits, WORDS=words, BLOCK_M=bm, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False,
-                                         PREFETCH=2, SCALES_2D=scales_2d), warps, 1, bn * words * 4)
+                                         PREFETCH=2), warps, 1, bn * words * 4)
 
-    def gemv_h2(bn, warps, bits=4, depth=2, stages=1, pair=False):
-        from engine.kernels.quant_gemv_h2_triton import _prefetch_asm
-
-        pf = (stages - 1) * (2 if pair else 1) if stages > 1 else 0  # the launcher's L2 prefetch
-        # The ring's hot loop is depth + 1 steps of 16 words (64 bytes) a row; the pipelined one's
-        # (stages > 1) one step, or two (pair).
+    def gemv_h2(bn, warps, bits=4, depth=2):  # the hot loop is depth + 1 steps of 16 words (64 bytes) a row
         return (_gemv_h2_kernel, PTRS, dict(BITS=bits, WORDS=16, BLOCK_N=bn, SPLIT=True, HAS_BIAS=False, XKIND=0,
-                                            SKIND=0, PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair,
-                                            PF_ASM=_prefetch_asm(pf * 64), PF_STEPS=pf, EMULATE=False), warps,
-                stages, bn * 64 * (depth + 1 if stages == 1 else (2 if pair else 1)))
+                                            SKIND=0, PRE=PRE_COLS, DEPTH=depth, EMULATE=False), warps, 1,
+                bn * 64 * (depth + 1))
 
     def dot4(bm, bn, warps, permuted=False):
         return (_int4_dot_kernel, PTRS, dict(GROUP=128, MAGIC=128, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SPLIT=True,
@@ -102,9 +96,7 @@ def _cases():
         "lora_expand_rows_m16_n128_s1_w4": expand(16, 128, 1, 4, True, False),
         "lora_expand_rows_m16_n128_s3_w4": expand(16, 128, 3, 4, True, False),
         "lora_expand_rows_dora_m16_n128_s1_w4": expand(16, 128, 1, 4, True, True),
-        "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_s2d_m1_n128_w4": gemv(4, 16, 1, 128, 4, True),
-        "int4_gemv_s2d_m1_n128_w8": gemv(4, 16, 1, 128, 8, True), "int4_gemv_m1_n128_w8": gemv(4, 16, 1, 128, 8),
-        "int4_gemv_s2d_m1_n64_w4": gemv(4, 16, 1, 64, 4, True), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
+        "int4_gemv_m1_n128_w4": gemv(4, 16, 1, 128, 4), "int4_gemv_m1_n64_w4": gemv(4, 16, 1, 64, 4),
         "int4_gemv_m4_n64_w4": gemv(4, 16, 4, 64, 4), "int8_gemv_m1_n64_w4": gemv(8, 32, 1, 64, 4),
         "int8_gemv_m4_n64_w4": gemv(8, 32, 4, 64, 4),
         "int4_gemv_h2_m1_n256_w4": gemv_h2(256, 4), "int4_gemv_h2_m1_n128_w2": gemv_h2(128, 2),
@@ -112,11 +104,6 @@ def _cases():
         "int4_gemv_h2_m1_n256_w8": gemv_h2(256, 8), "int4_gemv_h2_m1_n32_w1": gemv_h2(32, 1),
         "int4_gemv_h2_m1_n64_w2_d3": gemv_h2(64, 2, depth=3), "int4_gemv_h2_m1_n128_w4_d3": gemv_h2(128, 4, depth=3),
         "int8_gemv_h2_m1_n64_w1_d3": gemv_h2(64, 1, 8, depth=3),
-        "int4_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, stages=4), "int4_gemv_h2_m1_n128_w4_s4": gemv_h2(128, 4, stages=4),
-        "int4_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, stages=3), "int4_gemv_h2_m1_n64_w2_s4_pair": gemv_h2(64, 2, stages=4, pair=True),
-        "int4_gemv_h2_m1_n128_w2_s3_pair": gemv_h2(128, 2, stages=3, pair=True),
-        "int8_gemv_h2_m1_n64_w2_s4_pair": gemv_h2(64, 2, 8, stages=4, pair=True), "int4_gemv_h2_m1_n256_w4_s3": gemv_h2(256, 4, stages=3),
-        "int4_gemv_h2_m1_n32_w1_s4": gemv_h2(32, 1, stages=4), "int4_gemv_h2_m1_n16_w1_s8": gemv_h2(16, 1, stages=8), "int8_gemv_h2_m1_n128_w2_s3": gemv_h2(128, 2, 8, stages=3), "int8_gemv_h2_m1_n64_w2_s4": gemv_h2(64, 2, 8, stages=4),
         "int8_gemv_h2_m1_n256_w4": gemv_h2(256, 4, 8), "int8_gemv_h2_m1_n128_w2": gemv_h2(128, 2, 8),
         "int8_gemv_h2_m1_n128_w4": gemv_h2(128, 4, 8), "int8_gemv_h2_m1_n64_w2": gemv_h2(64, 2, 8),
         "int8_gemv_h2_m1_n64_w1": gemv_h2(64, 1, 8), "int8_gemv_h2_m1_n32_w1": gemv_h2(32, 1, 8),

@@ -154,12 +154,6 @@ def _widen_asm(dtype: str) -> str:
         "cvt.rn.f16x2.f32 $0, c, a;", "cvt.rn.f16x2.f32 $1, d, b;", "}"])
 
 
-def _prefetch_asm(nbytes: int) -> str:
-    """PTX: an L2 prefetch of nbytes (a multiple of 16) from the 16-byte aligned address $1, no
-    wait (the dummy output $0 keeps the call in the program); "" for none."""
-    return f"cp.async.bulk.prefetch.L2.global [$1], {nbytes}; mov.u32 $0, 0;" if nbytes else ""
-
-
 # Group scales, loaded by PTX and widened to fp32 (see _load_scales), per scale dtype.
 _SCALE_ASM = {0: "{ .reg .b16 h; ld.global.nc.b16 h, [$1]; mov.b32 $0, {0, h}; }",  # bf16: the high half
               1: "{ .reg .f16 h; ld.global.nc.b16 h, [$1]; cvt.f32.f16 $0, h; }",
@@ -395,8 +389,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     XKIND: tl.constexpr, SKIND: tl.constexpr, PRE: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr, STAGES: tl.constexpr = 1, PAIR: tl.constexpr = False, PF_ASM: tl.constexpr = "",
-    PF_STEPS: tl.constexpr = 0,
+    PDL: tl.constexpr,
 ):
     # One program: BLOCK_N rows of W, activation row pid_m, the K steps [first, last); a step is
     # WORDS words a row, KSTEP columns: one quantization group (int4) or INT8_STEP columns (int8).
@@ -418,48 +411,6 @@ def _gemv_h2_kernel(
     first = pid_k * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     end = last - 1
-    if STAGES > 1:
-        # Staged through shared memory by Triton's pipeliner (cp.async, STAGES - 1 steps in
-        # flight a program) instead of the register ring: the loads no longer wait on the compute.
-        # The pipeliner's first loads come after the wait and the pre-pass; an L2 prefetch of
-        # those first steps of each row (PF_ASM) goes out before both.
-        if PF_ASM != "":
-            pf_first = tl.maximum(tl.minimum(first, steps - PF_STEPS), 0)
-            pf_rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
-            tl.inline_asm_elementwise(PF_ASM, "=r,l", [(w_ptr + pf_rows * stride_wn + pf_first * WORDS).to(
-                tl.int64, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
-        wait_for_inputs(PDL)
-        scale, inv = _slice_scale(x0, first, last, KSTEP, PRE, TOP)
-        # Scales are 2 bytes a row, too narrow for cp.async: loaded by PTX one iteration ahead
-        # instead (a value carried over two iterations would stop the pipeliner). PAIR: two steps
-        # an iteration (128 contiguous bytes of a row requested together); a second step past the
-        # slice re-reads its last step and counts zero.
-        acc = tl.zeros([BLOCK_N, WORDS // 4], tl.float32)
-        if BITS == 4:
-            s_next = _load_scales(s_ptrs + first, SKIND, EMULATE)
-            if PAIR:
-                s_next2 = _load_scales(s_ptrs + tl.minimum(first + 1, end), SKIND, EMULATE)
-        for st in tl.range(first, last, 2 if PAIR else 1, num_stages=STAGES):
-            wv = tl.load(w_ptrs + st * WORDS)
-            if PAIR:
-                st2 = tl.minimum(st + 1, end)
-                wv2 = tl.load(w_ptrs + st2 * WORDS)
-                keep = (st + 1 < last).to(tl.float32)
-            if BITS == 4:
-                sv = s_next
-                s_next = _load_scales(s_ptrs + tl.minimum(st + (2 if PAIR else 1), end), SKIND, EMULATE)
-                acc += _dot_words(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv
-                if PAIR:
-                    sv2 = s_next2 * keep
-                    s_next2 = _load_scales(s_ptrs + tl.minimum(st + 3, end), SKIND, EMULATE)
-                    acc += _dot_words(wv2, x0 + st2 * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * sv2
-            else:
-                acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
-                if PAIR:
-                    acc += _dot_bytes(wv2, x0 + st2 * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE) * keep
-        _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr,
-                stride_om, BITS, SPLIT, HAS_BIAS, ACCUMULATE)
-        return
     # The ring's first DEPTH steps are requested before the pre-pass, whose latency they overlap
     # (and, under programmatic dependent launch, before the wait for the previous kernel).
     w_a = tl.load(w_ptrs + first * WORDS)
@@ -495,15 +446,6 @@ def _gemv_h2_kernel(
         else:
             acc += _dot_bytes(wv, x0 + st * KSTEP, scale, BLOCK_N, WORDS, XKIND, EMULATE)
 
-    _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr,
-            stride_om, BITS, SPLIT, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _finish(acc, inv, s_ptr, rows, pid_m, pid_n, pid_k, n, M, N, bias_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
-            BITS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Row sums of the fp32 partials back to the activations' scale (int8: times the per-channel
-    scale), stored, or written as this slice's partial and reduced by the slice that ends last."""
     total = tl.sum(acc, 1) * inv  # [BLOCK_N]
     if BITS == 8:  # the per-channel scale commutes with the K sum
         total = total * tl.load(s_ptr + rows).to(tl.float32)
@@ -534,15 +476,12 @@ def gemv_h2_steps(k: int, scales: torch.Tensor, bits: int = 4) -> int:
 
 def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, block_n: int, num_warps: int, split: int, per_split: int,
-            emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2,
-            stages: int = 1, pair: bool = False) -> torch.Tensor:
+            emulate: bool = False, bits: int = 4, accumulate: bool = False, depth: int = 2) -> torch.Tensor:
     """Launch gemv_h2: x2 [M, K] (unit column stride), words = qweight.view(int32) ([N, K / 8]
     int4, [N, K / 4] int8), scales [N, K / G] (int4) or [N] (int8), out [M, N] (written).
     `split` K slices of `per_split` steps each (the caller's split-K choice, see gemv_h2_steps);
     emulate=True (interpreter only) replaces the PTX; accumulate=True adds the product to out;
-    depth: steps in flight ahead of the one computed (RING_DEPTHS); stages > 1: no register ring,
-    the weights staged through shared memory by the pipeliner, stages - 1 loop iterations ahead,
-    each one step or (pair, with stages > 1) two."""
+    depth: steps in flight ahead of the one computed (RING_DEPTHS)."""
     assert depth in RING_DEPTHS, depth
     m, k = x2.shape
     n_out = words.shape[0]
@@ -553,17 +492,13 @@ def gemv_h2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: t
     tiles = triton.cdiv(n_out, block_n) * m
     part, locks = split_scratch(out, split, tiles, words)
     grid = (triton.cdiv(n_out, block_n), m, split)
-    words_per_step = 16 if bits == 8 else k // steps // 8
-    pair = pair and stages > 1
-    pf_steps = min((stages - 1) * (2 if pair else 1), steps) if stages > 1 and not emulate else 0
     _gemv_h2_kernel[grid](
         x2, words, scales, bias if bias is not None else out, out, part, locks, m, n_out, steps, per_split,
         x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, WORDS=words_per_step, BLOCK_N=block_n, SPLIT=split > 1,
+        BITS=bits, WORDS=16 if bits == 8 else k // steps // 8, BLOCK_N=block_n, SPLIT=split > 1,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, XKIND=_XKIND[x2.dtype], SKIND=_XKIND[scales.dtype],
-        PRE=PRE_COLS, DEPTH=depth, STAGES=stages, PAIR=pair, PF_ASM=_prefetch_asm(pf_steps * words_per_step * 4),
-        PF_STEPS=pf_steps,
-        EMULATE=emulate, num_warps=num_warps, num_stages=stages, **pdl_launch(x2.device, early_trigger=False),
+        PRE=PRE_COLS, DEPTH=depth,
+        EMULATE=emulate, num_warps=num_warps, num_stages=1, **pdl_launch(x2.device, early_trigger=False),
     )
     return out
 

@@ -101,22 +101,13 @@ def _int8_row(acc, v, xs, wi, ok):
 
 
 @triton.jit
-def _rows_below(n, wi, lim, SCALES_2D: tl.constexpr):
-    """The scale mask: rows n below lim, as [BLOCK_N] or (SCALES_2D) [BLOCK_N, WORDS]."""
-    if SCALES_2D:
-        return (n < lim)[:, None] & (wi < lim + wi.shape[0])[None, :]
-    else:
-        return n < lim
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, steps, steps_per_split, magic7,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr, SCALES_2D: tl.constexpr = False,
+    PDL: tl.constexpr,
 ):
     # A step covers WORDS 32-bit words of each W row, KSTEP columns of K. int4: a step is one
     # quantization group. int8: byte t of word w holds column 4 * w + t of the step.
@@ -130,10 +121,7 @@ def _gemv_kernel(
     wi = tl.arange(0, WORDS)
     w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_wn + wi[None, :]  # [BLOCK_N, WORDS]
     x0 = x_ptr + m0.to(tl.int64) * stride_xm
-    if SCALES_2D:  # int4 group scales as [BLOCK_N, WORDS], equal along a row (see below)
-        s_ptrs = s_ptr + n.to(tl.int64)[:, None] * stride_sn + tl.zeros([1, WORDS], tl.int64)
-    else:
-        s_ptrs = s_ptr + n.to(tl.int64) * stride_sn
+    s_ptrs = s_ptr + n.to(tl.int64) * stride_sn
     mg = magic7.to(tl.uint32, bitcast=True)
 
     acc0 = tl.zeros([BLOCK_N, WORDS], tl.float32)
@@ -146,9 +134,8 @@ def _gemv_kernel(
         w_a = tl.load(w_ptrs + first * WORDS, mask=(n < tl.where(first < last, N, 0))[:, None], other=0)
         w_b = tl.load(w_ptrs + (first + 1) * WORDS, mask=(n < tl.where(first + 1 < last, N, 0))[:, None], other=0)
         if BITS == 4:
-            s_a = tl.load(s_ptrs + first, mask=_rows_below(n, wi, tl.where(first < last, N, 0), SCALES_2D), other=0.0)
-            s_b = tl.load(s_ptrs + first + 1, mask=_rows_below(n, wi, tl.where(first + 1 < last, N, 0), SCALES_2D),
-                          other=0.0)
+            s_a = tl.load(s_ptrs + first, mask=n < tl.where(first < last, N, 0), other=0.0)
+            s_b = tl.load(s_ptrs + first + 1, mask=n < tl.where(first + 1 < last, N, 0), other=0.0)
     wait_for_inputs(PDL)  # weights and scales above may be read before it, activations not
     for st in range(first, last):
         if PREFETCH == 2:
@@ -158,19 +145,16 @@ def _gemv_kernel(
             if BITS == 4:
                 sv = s_a
                 s_a = s_b
-                s_b = tl.load(s_ptrs + st + 2, mask=_rows_below(n, wi, tl.where(st + 2 < last, N, 0), SCALES_2D),
-                              other=0.0)
+                s_b = tl.load(s_ptrs + st + 2, mask=n < tl.where(st + 2 < last, N, 0), other=0.0)
         else:
             wv = tl.load(w_ptrs + st * WORDS, mask=n_ok[:, None], other=0)
             if BITS == 4:
-                sv = tl.load(s_ptrs + st, mask=_rows_below(n, wi, N, SCALES_2D), other=0.0)
+                sv = tl.load(s_ptrs + st, mask=n_ok, other=0.0)
         wv = wv.to(tl.uint32, bitcast=True)
         xs = x0 + st * KSTEP
         if BITS == 4:
             v = _int4_planes(wv, mg)
-            # SCALES_2D: the scales already have the products' layout; a [BLOCK_N] vector goes
-            # through shared memory (two barriers a step, sass_report.py int4_gemv_m1).
-            s2 = sv.to(tl.float32) if SCALES_2D else sv.to(tl.float32)[:, None]
+            s2 = sv.to(tl.float32)[:, None]
             acc0 += _int4_row(v, xs, wi, None, WORDS) * s2
             if BLOCK_M >= 2:
                 acc1 += _int4_row(v, xs + stride_xm, wi, tl.where(m0 + 1 < M, WORDS, 0), WORDS) * s2

@@ -195,14 +195,6 @@ PERMUTE_X_MIN_M = 32
 
 
 @functools.cache
-def _scales_2d() -> bool:
-    """EMBER_GEMV_SCALES_2D=1: the fp32 int4 GEMV loads its group scales in the products' layout."""
-    from engine.config import env_switch
-
-    return env_switch("EMBER_GEMV_SCALES_2D") is True
-
-
-@functools.cache
 def _dot_order(k: int, group: int, device: torch.device) -> torch.Tensor:
     """Column of x at each position of the int4 dot kernel's order (see _int4_dot_kernel)."""
     kp = torch.arange(group, device=device)  # built on the device: no host copy inside a graph capture
@@ -267,8 +259,7 @@ def quant_matmul_triton(
             steps = gemv_h2_steps(k, scales, bits)
             split, per_split = _split(triton.cdiv(n_out, cfg.block_n) * m, steps, cfg, x.device)
             gemv_h2(x2, words, scales, bias, out, cfg.block_n, cfg.num_warps, split, per_split, bits=bits,
-                    accumulate=accumulate is not None, depth=cfg.prefetch if cfg.prefetch in RING_DEPTHS else 2,
-                    stages=cfg.num_stages, pair=cfg.block_k >= 2 * (k // steps))
+                    accumulate=accumulate is not None, depth=cfg.prefetch if cfg.prefetch in RING_DEPTHS else 2)
             return out.view(*x.shape[:-1], n_out)
         cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma":
@@ -296,7 +287,7 @@ def quant_matmul_triton(
             x2.stride(0), words.stride(0), scales.stride(0) if bits == 4 else 0, out.stride(0),
             BITS=bits, WORDS=word_step, BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1,
             HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None, PREFETCH=cfg.prefetch,
-            SCALES_2D=bits == 4 and _scales_2d(), num_warps=cfg.num_warps, num_stages=1,
+            num_warps=cfg.num_warps, num_stages=1,
             **pdl_launch(x.device, early_trigger=False),
         )
         return out.view(*x.shape[:-1], n_out)

@@ -78,8 +78,7 @@ def test_emulation_pairing_is_exact_on_one_column():
 
 # --- the kernel under the interpreter --------------------------------------------------------
 
-def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate=False, depth=2, stages=1,
-            pair=False):
+def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate=False, depth=2):
     from engine.kernels.quant_gemv_h2_triton import gemv_h2, gemv_h2_steps
 
     steps = gemv_h2_steps(x.shape[1], s, bits)
@@ -88,8 +87,7 @@ def _kernel(x, q, s, bias, block_n, split, warps=4, out=None, bits=4, accumulate
     if out is None:
         out = torch.full((x.shape[0], q.shape[0]), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
     return gemv_h2(x, q.view(torch.int32), s, bias, out, block_n, warps, split, per_split,
-                   emulate=x.device.type == "cpu", bits=bits, accumulate=accumulate, depth=depth,
-                   stages=stages, pair=pair), per_split
+                   emulate=x.device.type == "cpu", bits=bits, accumulate=accumulate, depth=depth), per_split
 
 
 @pytest.mark.parametrize("dtype,group,split,bias,kind", [
@@ -216,31 +214,6 @@ def test_kernel_interpreter_accumulates_into_the_output(bits, split, depth):
     assert_close_rel(out.float(), _ref(bits)(x.float(), q, s) + before.float(), TOL[torch.float16])
 
 
-@pytest.mark.parametrize("bits,split,dtype,pair", [
-    (4, 3, torch.float16, False), (4, 1, torch.bfloat16, False), (8, 2, torch.bfloat16, False),
-    (4, 1, torch.float16, True),  # 5 steps: the last pair's second step lies past the slice
-    (4, 2, torch.bfloat16, True), (8, 3, torch.float16, True),  # slices of 3 (int4) and 4 / 3 / 3 (int8)
-])
-def test_kernel_interpreter_pipelined(bits, split, dtype, pair):
-    """stages > 1 (weights staged by the pipeliner, scales one iteration ahead; pair: two steps an
-    iteration): against the reference and the torch emulation, poisoned outputs, then adding into
-    an output (split K or not)."""
-    require_backend("cpu")
-    from engine.kernels.quant_gemv_h2_triton import emulate_gemv_h2
-
-    n, k = 80, 640
-    q, s = _weights(n, k, 128, dtype) if bits == 4 else _weights8(n, k, dtype)
-    b = torch.randn(n).to(dtype)
-    x = _activations("outliers", 2, k).to(dtype)
-    y, per_split = _kernel(x, q, s, b, 64, split, bits=bits, stages=3, pair=pair)
-    assert_close_rel(y.float(), _ref(bits)(x.float(), q, s, b.float()), TOL[dtype])
-    assert_close_rel(y.float(), emulate_gemv_h2(x, q, s, b, per_split, bits=bits).float(), EMU_TOL[dtype])
-    before = torch.randn(2, n).to(dtype) * 4
-    out = before.clone()
-    _kernel(x, q, s, None, 64, split, out=out, bits=bits, accumulate=True, stages=4, pair=pair)
-    assert_close_rel(out.float(), _ref(bits)(x.float(), q, s) + before.float(), TOL[dtype])
-
-
 # --- the PTX kernel on CUDA ------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -260,7 +233,7 @@ def test_gemv_h2_gpu(k, n, split, bias, dtype, kind, block_n, warps):
     _check_dispatch(4, k, n, split, bias, dtype, kind, block_n, warps)
 
 
-def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages=1, block_k=128):
+def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps):
     """A gemv_h2 config through the dispatcher against the fp32 reference, twice with fresh inputs
     (the second time adding into an output's earlier values)."""
     require_backend("cuda")
@@ -269,7 +242,7 @@ def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages
 
     q, s = _weights(n, k, 128, dtype, "cuda") if bits == 4 else _weights8(n, k, dtype, "cuda")
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
-    cfg = TileConfig(1, block_n, warps, stages, split, kernel="gemv_h2", block_k=block_k)
+    cfg = TileConfig(1, block_n, warps, 1, split, kernel="gemv_h2")
     for accumulate in (False, True):  # the second call adds into earlier values (a residual stream)
         x = _activations(kind, 1, k, "cuda").to(dtype)
         ref = _ref(bits)(x.float(), q, s, None if b is None else b.float())
@@ -281,23 +254,6 @@ def _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages
             y = quant_matmul_triton(x, q, s, b, bits, cfg)
         assert y.shape == (1, n) and y.dtype == dtype
         assert_close_rel(y.float(), ref, TOL[dtype])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("k,n,split,bias,dtype,kind", [
-    (4096, 14336, None, False, torch.bfloat16, "normal"),
-    (14336, 4096, None, True, torch.float16, "outliers"),
-    (4096, 1000, 3, True, torch.bfloat16, "normal"),  # partial last tile, uneven slices
-    (4096, 4096, 1, False, torch.bfloat16, "large"),  # one slice
-])
-@pytest.mark.parametrize("block_n,warps,stages,pair", [(64, 2, 4, False), (128, 2, 3, False), (256, 4, 3, True),
-                                                     (16, 1, 8, False), (64, 2, 4, True)])
-def test_gemv_h2_gpu_pipelined(bits, k, n, split, bias, dtype, kind, block_n, warps, stages, pair):
-    """The pipelined variant (num_stages > 1; pair: two steps an iteration) through the dispatcher
-    against the fp32 reference."""
-    one_step = 128 if bits == 4 else 64
-    _check_dispatch(bits, k, n, split, bias, dtype, kind, block_n, warps, stages, one_step * (2 if pair else 1))
 
 
 @pytest.mark.gpu
