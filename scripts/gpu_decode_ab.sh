@@ -12,10 +12,7 @@ out=${1:-out/decode_ab}
 switch=${2:-EMBER_FOLD_NORMS}
 dtypes=${DTYPES:-bf16}
 profile_dtypes=${PROFILE_DTYPES-bf16}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-phase() { echo "== $1 at $(( $(date +%s) - start )) s" | tee -a "$out/phases.txt"; }
+source "$(dirname "$0")/gpu_prologue.sh"
 
 tests=${TESTS:-tests/engine/kernels/test_rope.py tests/engine/kernels/test_norm_activation.py \
   tests/engine/kernels/test_paged_attention.py tests/engine/kernels/test_quant_gemv_h2.py \

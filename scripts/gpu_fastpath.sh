@@ -8,10 +8,7 @@
 # Usage: scripts/gpu_fastpath.sh OUTDIR
 set -uo pipefail
 out=${1:-out/fastpath}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-phase() { echo "== $1 at $(( $(date +%s) - start )) s" | tee -a "$out/phases.txt"; }
+source "$(dirname "$0")/gpu_prologue.sh"
 
 phase info
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

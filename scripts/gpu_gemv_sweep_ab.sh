@@ -10,10 +10,7 @@
 # Usage: [DTYPES=int4,int8] [SWEEP_S=150] [SWEEP_BITS=8,4] [SHAPES=K:N,...] [ROUNDS=2] [TESTS="-k pattern"] [NCU=0] scripts/gpu_gemv_sweep_ab.sh OUTDIR
 set -uo pipefail
 out=${1:-out/gemv_sweep_ab}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-start=$(date +%s)
-phase() { echo "== $1 at $(( $(date +%s) - start )) s" | tee -a "$out/phases.txt"; }
+source "$(dirname "$0")/gpu_prologue.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 
 phase sweep
