@@ -7,7 +7,8 @@
 #   2. batch-1 decode, committed table vs the sweep's (EMBER_QUANT_TUNING), alternating
 #   3. the GPU tests of the packed-half GEMV
 #   4. the decode projections under Nsight Compute with the sweep's winners (scripts/gpu_ncu_gemv.sh)
-# Usage: [DTYPES=int4,int8] [SWEEP_S=150] [SWEEP_BITS=8,4] [SHAPES=K:N,...] [ROUNDS=2] [TESTS="-k pattern"] [NCU=0] scripts/gpu_gemv_sweep_ab.sh OUTDIR
+# Usage: [DTYPES=int4,int8] [SWEEP_S=150] [SWEEP_BITS=8,4] [SHAPES=K:N,...] [ROUNDS=2] [TESTS="-k pattern"]
+#        [NCU=0] scripts/gpu_gemv_sweep_ab.sh OUTDIR
 set -uo pipefail
 out=${1:-out/gemv_sweep_ab}
 source "$(dirname "$0")/gpu_prologue.sh"
@@ -15,7 +16,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 
 phase sweep
 timeout $(( ${SWEEP_S:-150} + 60 )) python3 benchmarks/bench_kernels.py --only quant --model-shapes --sweep \
-  --budget-s "${SWEEP_S:-150}" --sweep-bits "${SWEEP_BITS:-8,4}" --shapes "${SHAPES:-}" --repeats 20 --out "$out/kernels_sweep.json" --tuned-out "$out/tuned.json" 2>&1 \
+  --budget-s "${SWEEP_S:-150}" --sweep-bits "${SWEEP_BITS:-8,4}" --shapes "${SHAPES:-}" --repeats 20 \
+  --out "$out/kernels_sweep.json" --tuned-out "$out/tuned.json" 2>&1 \
   | tail -16 | tee "$out/kernels_sweep.txt"
 
 for round in $(seq 1 "${ROUNDS:-2}"); do

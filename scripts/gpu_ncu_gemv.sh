@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On a CUDA machine with Nsight Compute (about 2 minutes): the batch-1 decode projections
-# (benchmarks/ncu_gemv.py) under ncu. Two passes: the details page of a few sections (throughput,
-# occupancy, launch, warp states, scheduler), then raw metrics (duration, DRAM bytes and throughput,
-# instructions, registers, every warp stall reason per issued instruction) as CSV.
+# On a CUDA machine with Nsight Compute: the batch-1 decode projections (benchmarks/ncu_gemv.py)
+# under ncu. Two passes: raw metrics (duration, DRAM bytes and throughput, instructions, registers,
+# every warp stall reason per issued instruction) as CSV, then the details page of a few sections
+# (throughput, occupancy, launch, warp states, scheduler, memory). The raw pass has run on an H100
+# (3 shapes x 2 kinds within a 43 s call, benchmarks/results/ncu-gemv-h100.csv); the details pass
+# has not run yet.
 # Usage: [KINDS=int4,bf16,tinygemm] [SHAPES=8b.gate_up,...] scripts/gpu_ncu_gemv.sh OUTDIR
 set -uo pipefail
 out=${1:-out/ncu_gemv}
