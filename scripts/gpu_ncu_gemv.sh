@@ -8,8 +8,7 @@
 # Usage: [KINDS=int4,bf16,tinygemm] [SHAPES=8b.gate_up,...] scripts/gpu_ncu_gemv.sh OUTDIR
 set -uo pipefail
 out=${1:-out/ncu_gemv}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_prologue.sh"
 args=(--kinds "${KINDS:-int4,bf16,tinygemm}" --shapes "${SHAPES:-}")
 common=(--profile-from-start off --clock-control none --csv)
 timeout 240 ncu "${common[@]}" --page raw --metrics \
