@@ -535,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
                       (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
         if args.shapes:
             keep = {tuple(int(v) for v in kn.split(":")) for kn in args.shapes.split(",")}
+            unknown = sorted(keep - set(shapes))
+            if unknown:
+                p.error(f"--shapes {unknown} not in this run's set: "
+                        f"{','.join(f'{k}:{n}' for k, n in shapes)} (--model-shapes picks the decode set)")
             shapes = [kn for kn in shapes if kn in keep]
         batches, contexts = [1, 8, 32, 64], [512, 2048, 8192]
         heads, repeats = (32, 8, 128, 16), args.repeats
