@@ -4,7 +4,8 @@ The model forward and the sampler's tensor work are replaced by stubs (fixed log
 ids), so only the engine's Python runs: scheduling, input preparation (the eager path; CUDA
 graphs pack their inputs more cheaply), the sampler's bookkeeping, the scheduler update and the
 output processing. `--batch` requests with `--prompt-len` prompts decode `--output-len` tokens;
-reported per phase in ms a step (bench_decode's StepTimer). Runs anywhere; the figure scales
+the prefill steps run first, untimed; decode steps are reported per phase in ms a step
+(bench_decode's StepTimer). Runs anywhere; the figure scales
 with the CPU's single-thread speed.
 
     python benchmarks/bench_host.py --batch 64 --out host.json
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"h{i}", [rng.randrange(3, args.vocab) for _ in range(args.prompt_len)], params)
-    engine.step()  # the prefill
+    # Prefill first (long prompts take several chunked steps), so that only decode steps are timed.
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
+        engine.step()
     timer = StepTimer(engine)
     steps, start = 0, time.perf_counter()
     while engine.has_unfinished():
