@@ -188,9 +188,10 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_rows: dict[str, int] = {}
         prompt_rows: dict[str, tuple[int, int, int]] = {}
-        max_blocks = max(len(s.block_ids) for s in plan.seqs)
-        tables = []
-        for seq in plan.seqs:
+        # Block tables, zero padded: filled row by row in numpy (a nested list through torch.tensor
+        # took 3x as long, ~3.7 ms a step at 256 sequences of 256 blocks on the development CPU).
+        tables = np.zeros((len(plan.seqs), max(len(s.block_ids) for s in plan.seqs)), dtype=np.int32)
+        for row, seq in enumerate(plan.seqs):
             n, start = len(seq.token_ids), seq.start_pos
             ids.extend(seq.token_ids)
             pos = range(start, start + n)
@@ -202,7 +203,7 @@ class ModelRunner:
                 p = np.arange(start, start + n)
                 slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             context_lens.append(start + n)
-            tables.append(list(table) + [0] * (max_blocks - len(table)))
+            tables[row, :len(table)] = table
             if seq.prompt_logprobs:  # every row; the last one doubles as the sampling row
                 prompt_rows[seq.request_id] = (len(logits_indices), start, n)
                 logits_indices.extend(range(cu[-1], cu[-1] + n))
@@ -215,7 +216,7 @@ class ModelRunner:
         dev = self.device
         metadata = PagedAttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
             context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
             max_seqlen_q=max(len(s.token_ids) for s in plan.seqs),
