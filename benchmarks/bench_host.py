@@ -5,8 +5,7 @@ ids), so only the engine's Python runs: scheduling, input preparation (the eager
 graphs pack their inputs more cheaply), the sampler's bookkeeping, the scheduler update and the
 output processing. `--batch` requests with `--prompt-len` prompts decode `--output-len` tokens;
 the prefill steps run first, untimed; decode steps are reported per phase in ms a step
-(bench_decode's StepTimer). Runs anywhere; the figure scales
-with the CPU's single-thread speed.
+(bench_decode's StepTimer). Runs anywhere; the figure scales with the CPU's single-thread speed.
 
     python benchmarks/bench_host.py --batch 64 --out host.json
 """
