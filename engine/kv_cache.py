@@ -174,6 +174,9 @@ class KVCacheManager:
 
     def allocate(self, request_id: str, num_tokens: int, cached: Sequence[int] = ()) -> list[int]:
         """Grow the table to cover num_tokens tokens; returns the whole table. Check can_allocate first."""
+        table = self.tables.get(request_id)
+        if table is not None and not cached and len(table) * self.block_size >= num_tokens:
+            return table  # nothing to add: most decode steps
         if not self.can_allocate(request_id, num_tokens, cached):
             raise RuntimeError(f"not enough free KV blocks for {request_id!r} ({num_tokens} tokens)")
         table = self.tables.setdefault(request_id, [])

@@ -24,11 +24,14 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED  # read several times per request per step
 
     @property
     def finish_reason(self) -> str | None:
         return self.value if self.finished else None
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
 
 
 def adapter_identity(lora: Any) -> tuple[Hashable, ...] | None:
@@ -63,6 +66,7 @@ class Request:
         self.group_id = group_id if group_id is not None else request_id
         self.index = index
         self.prompt_token_ids = list(prompt_token_ids)
+        self._num_prompt = len(self.prompt_token_ids)  # the prompt never changes; read many times a step
         self.token_ids = list(prompt_token_ids)  # prompt followed by the output
         self.params = params
         self.max_tokens = max_tokens
@@ -85,7 +89,7 @@ class Request:
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._num_prompt
 
     @property
     def num_tokens(self) -> int:
@@ -93,11 +97,11 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self._num_prompt:]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self._num_prompt
 
     @property
     def sort_key(self) -> tuple[int, int]:
