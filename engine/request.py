@@ -24,14 +24,15 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED  # read several times per request per step
+        return self._value_ in _FINISHED  # read several times per request per step (str hash, not Enum's)
 
     @property
     def finish_reason(self) -> str | None:
         return self.value if self.finished else None
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+_FINISHED = frozenset(s.value for s in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                                         RequestStatus.FINISHED_ABORTED))
 
 
 def adapter_identity(lora: Any) -> tuple[Hashable, ...] | None:
