@@ -123,3 +123,25 @@ def test_long_stream_keeps_a_short_window(toks):
     det = IncrementalDetokenizer(tok)
     assert det.add_many(ids) + det.finish() == tok.decode(ids)
     assert len(det._ids) < 300
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memoized_deltas_repeat_the_decoded_ones(toks, kind, monkeypatch):
+    """Deltas come from a per-tokenizer memo of (window ids, flags): a second stream of the same ids
+    decodes nothing and gives the same deltas, also after the memo was cleared for being full."""
+    import engine.detokenizer as detok_module
+
+    tok = toks[kind]
+    ids = tok.encode(TEXT)
+    first = IncrementalDetokenizer(tok, prompt_ids=ids[:3])
+    deltas = [first.add(t) for t in ids[3:]] + [first.finish()]
+    calls = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    second = IncrementalDetokenizer(tok, prompt_ids=ids[:3])
+    assert [second.add(t) for t in ids[3:]] + [second.finish()] == deltas and not calls
+    monkeypatch.setattr(detok_module, "_CACHE_ENTRIES", 4)  # cleared every few entries from here on
+    detok_module._caches[tok].clear()
+    third = IncrementalDetokenizer(tok, prompt_ids=ids[:3])
+    assert [third.add(t) for t in ids[3:]] + [third.finish()] == deltas and calls
+    assert len(detok_module._caches[tok]) <= 4
