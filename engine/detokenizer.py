@@ -24,8 +24,10 @@ _TRIM_AT = 256
 # A window's delta depends only on the tokenizer, its ids and the two flags, and in a stream the
 # window is mostly (previous token, new token): the deltas are memoized per tokenizer (shared by
 # every stream), which saves the two decode calls, ~8 us a token, on each repeated bigram. The
-# cache is cleared when it reaches this many entries.
+# cache is cleared when it reaches this many entries. Longer windows (a long run of tokens with no
+# text yet) are decoded every time, so no key grows with the stream.
 _CACHE_ENTRIES = 1 << 16
+_CACHE_WINDOW = 16
 _caches: "weakref.WeakKeyDictionary[Tokenizer, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -88,14 +90,15 @@ class IncrementalDetokenizer:
         if not final and self._byte_run_open():
             return ""  # the run of byte tokens is still open; its text may change
         skip = self.skip_special_tokens
-        key = (skip, final, self._read - self._prefix, tuple(self._ids[self._prefix :]))
-        delta = None if self._cache is None else self._cache.get(key)
+        cache = self._cache if len(self._ids) - self._prefix <= _CACHE_WINDOW else None
+        key = None if cache is None else (skip, final, self._read - self._prefix, tuple(self._ids[self._prefix :]))
+        delta = None if cache is None else cache.get(key)
         if delta is None:
             delta = self._decode_delta(skip, final)
-            if self._cache is not None:
-                if len(self._cache) >= _CACHE_ENTRIES:
-                    self._cache.clear()
-                self._cache[key] = delta
+            if cache is not None:
+                if len(cache) >= _CACHE_ENTRIES:
+                    cache.clear()
+                cache[key] = delta
         if not delta:
             # Nothing new yet (a skipped special token, or a character still missing bytes).
             return ""

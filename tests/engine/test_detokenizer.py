@@ -133,6 +133,7 @@ def test_memoized_deltas_repeat_the_decoded_ones(toks, kind, monkeypatch):
 
     tok = toks[kind]
     ids = tok.encode(TEXT)
+    monkeypatch.setattr(detok_module, "_CACHE_WINDOW", 1 << 30)  # every window memoized here
     first = IncrementalDetokenizer(tok, prompt_ids=ids[:3])
     deltas = [first.add(t) for t in ids[3:]] + [first.finish()]
     calls = []
@@ -145,3 +146,18 @@ def test_memoized_deltas_repeat_the_decoded_ones(toks, kind, monkeypatch):
     third = IncrementalDetokenizer(tok, prompt_ids=ids[:3])
     assert [third.add(t) for t in ids[3:]] + [third.finish()] == deltas and calls
     assert len(detok_module._caches[tok]) <= 4
+
+
+def test_long_windows_are_not_memoized(toks):
+    """A long run of tokens without text (skipped special tokens) grows the window; such windows are
+    decoded each time instead of becoming ever longer memo keys."""
+    import engine.detokenizer as detok_module
+
+    tok = toks["byte_level"]
+    special = sorted(tok.all_special_ids)[0]
+    ids = tok.encode("ab", add_bos=False)
+    detok_module._caches[tok].clear()
+    det = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    text = "".join(det.add(t) for t in [ids[0]] + [special] * 40 + ids[1:]) + det.finish()
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    assert max(len(key[3]) for key in detok_module._caches[tok]) <= detok_module._CACHE_WINDOW
