@@ -22,6 +22,8 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "--dtype": (str, "float32, float16 or bfloat16 (default: the checkpoint's)"),
     "--device": (str, "cpu or cuda (default: cuda when available)"),
     "--seed": (int, "engine seed (default 0)"),
+    "--cpu-threads": (int, "torch's intra-op CPU threads (default: one fewer than the usable cores, so the "
+                           "event loop keeps one; OMP_NUM_THREADS, if set, is kept)"),
     "--drain-timeout": (float, "seconds SIGTERM waits for in-flight requests (default 30)"),
     "--log-level": (str, "critical, error, warning, info or debug (default info)"),
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for (default 4096)"),
@@ -65,7 +67,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from server.app import create_app
-    from server.engine_loader import build_engine, model_dir
+    from server.engine_loader import apply_cpu_threads, build_engine, model_dir
     from server.shutdown import DrainingServer
 
     try:
@@ -86,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
 
     path = model_dir(settings)
-    log.info("loading model from %s", path)
+    log.info("loading model from %s (torch CPU threads: %d)", path, apply_cpu_threads(settings))
     engine = build_engine(settings, path)
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, log_config=None,

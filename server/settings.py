@@ -31,6 +31,8 @@ class ServerSettings(BaseSettings):
     dtype: str | None = None
     device: str | None = None
     seed: int = 0
+    cpu_threads: int | None = Field(None, gt=0, description="torch's intra-op CPU threads; default: one fewer "
+                                    "than the usable cores (OMP_NUM_THREADS, if set, is kept)")
 
     # Engine sizes.
     max_model_len: int | None = Field(None, gt=0)

@@ -47,6 +47,24 @@ def test_serve_options_map_to_settings(monkeypatch):
     assert s.max_queue == 5  # not given on the command line: the environment fills it
 
 
+def test_server_cpu_threads_leave_a_core_to_the_event_loop(monkeypatch):
+    from server import engine_loader
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engine_loader, "usable_cores", lambda: 8)
+    assert engine_loader.cpu_threads(ServerSettings()) == 7
+    monkeypatch.setattr(engine_loader, "usable_cores", lambda: 1)
+    assert engine_loader.cpu_threads(ServerSettings()) == 1
+    assert engine_loader.cpu_threads(ServerSettings(cpu_threads=3)) == 3  # an explicit count wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert engine_loader.cpu_threads(ServerSettings()) is None  # the environment's choice is kept
+    assert engine_loader.cpu_threads(ServerSettings(cpu_threads=2)) == 2
+    monkeypatch.setenv("EMBER_CPU_THREADS", "5")
+    assert ServerSettings().cpu_threads == 5
+    with pytest.raises(ValueError):
+        ServerSettings(cpu_threads=0)
+
+
 def test_admission_bounds_and_draining():
     rejected = []
     adm = Admission(capacity=3, retry_after=2, on_reject=rejected.append)
