@@ -81,11 +81,23 @@ def adapter_config(settings: ServerSettings) -> Any:
                                 max_lora_rank=settings.max_lora_rank, max_cpu_loras=settings.max_cpu_loras)
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
 def usable_cores() -> int:
+    """CPUs this process may run on: its affinity set, capped by a cgroup CPU quota (a container's
+    `--cpus`), which the affinity set does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def cpu_threads(settings: ServerSettings) -> int | None:

@@ -65,6 +65,19 @@ def test_server_cpu_threads_leave_a_core_to_the_event_loop(monkeypatch):
         ServerSettings(cpu_threads=0)
 
 
+@pytest.mark.parametrize("cpu_max,cores", [("max 100000\n", 4), ("200000 100000\n", 2), ("150000 100000", 2),
+                                           ("50000 100000", 1), ("800000 100000", 4), (None, 4), ("garbage", 4)])
+def test_usable_cores_follow_a_cgroup_quota(monkeypatch, tmp_path, cpu_max, cores):
+    from server import engine_loader
+
+    monkeypatch.setattr(engine_loader.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    monkeypatch.setattr(engine_loader, "CGROUP_CPU_MAX", path)
+    assert engine_loader.usable_cores() == cores
+
+
 def test_admission_bounds_and_draining():
     rejected = []
     adm = Admission(capacity=3, retry_after=2, on_reject=rejected.append)
