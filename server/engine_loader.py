@@ -105,9 +105,9 @@ def cpu_threads(settings: ServerSettings) -> int | None:
 
     Engine steps run on a worker thread while the event loop streams their outputs. With as many
     intra-op threads as cores, the event loop's thread takes a core from the step's threads, which
-    then wait on each other at every operation: on a 2-core machine, 64 streams from the bundled
-    model ran at 382 tokens/s with 2 threads and 1124 with 1 (the engine alone: 1355 / 1371).
-    So one core is left to the event loop unless --cpu-threads or OMP_NUM_THREADS says otherwise.
+    then wait on each other at every operation: on a 2-core machine 64 streams from the bundled
+    model ran 2.9x faster with 1 thread than with 2 (benchmarks/bench_serve.py; docs/api.md). So
+    one core is left to the event loop unless --cpu-threads or OMP_NUM_THREADS says otherwise.
     """
     if settings.cpu_threads is not None:
         return settings.cpu_threads
