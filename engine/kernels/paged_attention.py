@@ -47,10 +47,11 @@ def paged_attention_ref(
         v = v_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()
         qs = q[q0:q1].float().view(q_len, hkv, group, d)
         scores = torch.einsum("qhgd,khd->hgqk", qs, k) * scale  # [Hkv, G, q_len, L]
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        k_pos = torch.arange(kv_len, device=q.device)
-        visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
-        scores = scores.masked_fill(~visible, float("-inf"))
+        if q_len > 1:  # one query (decode) sees every key: no mask to build
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+            k_pos = torch.arange(kv_len, device=q.device)
+            visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
+            scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.einsum("hgqk,khd->qhgd", probs, v)
         out[q0:q1] = o.reshape(q_len, hq, d).to(q.dtype)
