@@ -6,8 +6,7 @@
 # Usage: scripts/gpu_final_check.sh OUTDIR
 set -uo pipefail
 out=${1:-out/final_check}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+source "$(dirname "$0")/gpu_prologue.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_quant_gemv_h2.py \
   tests/engine/kernels/test_quant_matmul.py tests/engine/test_gpu_e2e.py 2>&1 | tail -5 | tee "$out/pytest_gpu.txt"

@@ -6,11 +6,9 @@
 # Usage: scripts/gpu_kernel_tuning.sh OUTDIR
 set -uo pipefail
 out=${1:-out}
-mkdir -p "$out"
+source "$(dirname "$0")/gpu_prologue.sh"
 total=${EMBER_TUNING_SECONDS:-340}  # the whole script's wall-clock budget
-start=$(date +%s)
-left() { echo $(( total - ($(date +%s) - start) )); }
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+left() { echo $(( total - ($(date +%s) - start) )); }  # start: set by the prologue
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 

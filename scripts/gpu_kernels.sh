@@ -3,8 +3,7 @@
 # Usage: scripts/gpu_kernels.sh OUTDIR
 set -uo pipefail
 out=${1:-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+source "$(dirname "$0")/gpu_prologue.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 python3 -m pytest -q -m gpu tests/engine/kernels -x -p no:cacheprovider 2>&1 | tail -40 | tee "$out/pytest_gpu_kernels.txt"

@@ -9,8 +9,7 @@
 set -uo pipefail
 out=${1:-out/launch_modes}
 dtypes=${DTYPES:-int4}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+source "$(dirname "$0")/gpu_prologue.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 i=0
 for mode in "EMBER_PDL=0" "EMBER_PDL=1" "EMBER_PDL=1 EMBER_PDL_TRIGGER=early" "EMBER_PDL=1 EMBER_PDL_TRIGGER=exit" \

@@ -6,8 +6,7 @@
 # Usage: scripts/gpu_lora.sh OUTDIR
 set -uo pipefail
 out=${1:-out/lora}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 EMBER_COMMIT=${EMBER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+source "$(dirname "$0")/gpu_prologue.sh"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/kernels/test_lora_batched.py \
   tests/engine/test_lora_serving.py tests/engine/kernels/test_paged_attention.py \
   tests/engine/kernels/test_norm_activation.py tests/engine/test_fused_path.py 2>&1 | tail -20 | tee "$out/pytest_gpu_lora.txt"
