@@ -25,13 +25,14 @@ class TileConfig:
 
     kernel: "gemv" (CUDA-core FMA, small M), "gemv_h2" (int4 / int8 GEMV on packed fp16 pairs,
     one activation row a program; CUDA only, runs as "gemv" elsewhere or when K does not fit
-    its step (int8: K % 64); block_m, prefetch, block_k unused), "dot" (tensor cores),
+    its step (int8: K % 64); block_m, block_k unused, prefetch as below), "dot" (tensor cores),
     "mma" (int4 on tensor cores with the packed tile staged by the pipeliner, quant_mma_triton.py;
     int8 runs as "dot"; prefetch, block_k unused) or "dequant" (cuBLAS).
     split_k: K slices per output tile (None: enough programs for `waves` per SM, each slice at
     least `min_steps` steps long). prefetch: 2 keeps a two-step register ring of weights and
     scales, 0 loads each step where it is used ("gemv_h2": the ring's depth, 2 or 3). block_k: int8
-    columns per step. w_is_a ("mma"): W is the matrix unit's A operand (out^T = W x^T, wgmma on Hopper) instead of B.
+    columns per step. w_is_a ("mma"): W is the matrix unit's A operand (out^T = W x^T, wgmma on
+    Hopper) instead of B.
     """
 
     block_m: int
