@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine (3 minutes on an H100 with SWEEP_S=60 SWEEP_BITS=4, 7 shapes, ROUNDS=1, NCU=0; the
-# defaults take longer): measure new int4 / int8 GEMV launch shapes on the
-# decode shapes and keep the evidence.
+# defaults take longer): measure new int4 / int8 GEMV launch shapes on the decode shapes and keep
+# the evidence.
 #   1. bench_kernels.py --only quant --model-shapes --sweep: every candidate on the decode
 #      projections; the winners go to OUTDIR/tuned.json (not into the committed table)
 #   2. batch-1 decode, committed table vs the sweep's (EMBER_QUANT_TUNING), alternating
