@@ -28,34 +28,46 @@ def paged_attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """Pure-torch paged attention (gather the blocks, masked matmul, fp32 softmax)."""
-    num_tokens, hq, d = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = hq // hkv
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
     ctx = context_lens.tolist()
     for s in range(len(ctx)):
         q0, q1, kv_len = cu[s], cu[s + 1], ctx[s]
-        q_len = q1 - q0
-        if q_len <= 0 or kv_len <= 0:
+        if q1 - q0 <= 0 or kv_len <= 0:
             continue
-        if q_len > kv_len:
-            raise ValueError(f"sequence {s}: {q_len} queries but context_len {kv_len}")
-        n_blocks = -(-kv_len // block_size)
-        blocks = block_tables[s, :n_blocks].long()
-        k = k_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()
-        qs = q[q0:q1].float().view(q_len, hkv, group, d)
-        scores = torch.einsum("qhgd,khd->hgqk", qs, k) * scale  # [Hkv, G, q_len, L]
-        if q_len > 1:  # one query (decode) sees every key: no mask to build
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-            k_pos = torch.arange(kv_len, device=q.device)
-            visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
-            scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgqk,khd->qhgd", probs, v)
-        out[q0:q1] = o.reshape(q_len, hq, d).to(q.dtype)
+        out[q0:q1] = attend_sequence(q[q0:q1], k_cache, v_cache, block_tables[s], kv_len, scale, s)
     return out
+
+
+def attend_sequence(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    kv_len: int,
+    scale: float,
+    seq: int = 0,
+) -> torch.Tensor:
+    """One sequence's queries q [q_len, Hq, D] (the last q_len positions of its kv_len) -> [q_len, Hq, D]."""
+    q_len, hq, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    if q_len > kv_len:
+        raise ValueError(f"sequence {seq}: {q_len} queries but context_len {kv_len}")
+    n_blocks = -(-kv_len // block_size)
+    blocks = block_row[:n_blocks].long()
+    k = k_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()  # [L, Hkv, D]
+    v = v_cache[blocks].reshape(n_blocks * block_size, hkv, d)[:kv_len].float()
+    qs = q.float().view(q_len, hkv, group, d)
+    scores = torch.einsum("qhgd,khd->hgqk", qs, k) * scale  # [Hkv, G, q_len, L]
+    if q_len > 1:  # one query (decode) sees every key: no mask to build
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        k_pos = torch.arange(kv_len, device=q.device)
+        visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.einsum("hgqk,khd->qhgd", probs, v)
+    return o.reshape(q_len, hq, d).to(q.dtype)
 
 
 def paged_attention(
@@ -70,7 +82,8 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """Paged attention: Triton on CUDA tensors, the torch reference elsewhere.
+    """Paged attention: Triton on CUDA tensors; on the CPU the torch path of paged_attention_cpu.py
+    (decode sequences batched by length), the torch reference elsewhere.
 
     Every sequence in the batch must own at least one query token; a batch with as many tokens
     as sequences is then pure decode and takes the split-K decode kernel. The optional host-side
@@ -79,6 +92,10 @@ def paged_attention(
     max_context_len None under CUDA graphs (the block table's capacity is used instead).
     """
     if not use_triton(q, k_cache):
+        if q.device.type == "cpu":
+            from engine.kernels.paged_attention_cpu import paged_attention_cpu
+
+            return paged_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
         return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
     if q.shape[0] == context_lens.shape[0]:
         from engine.kernels.paged_decode_triton import paged_decode_attention_triton

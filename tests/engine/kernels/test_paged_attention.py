@@ -37,7 +37,7 @@ def test_reference_matches_sdpa_on_contiguous_kv():
     assert_close_rel(out, _sdpa_oracle(b, scale), 1e-5)
 
 
-def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+def test_dispatcher_without_triton_on_cpu_matches_sdpa(monkeypatch):
     monkeypatch.setenv("EMBER_DISABLE_TRITON", "1")
     b = make_paged_batch([1, 1], [5, 9], 4, 2, 16, 4, torch.float32, "cpu")
     out = paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens, b.cu_seqlens_q, 0.3)
