@@ -75,15 +75,21 @@ def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     return packed.transpose(-1, -2).reshape(n, k // 2).contiguous()
 
 
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Packed int4 codes and group scales -> float32 W [N, K]."""
+def unpack_int4(qweight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The packed qweight uint8 [N, K/2] of `groups` groups a row -> its codes uint8 [N, K] in
+    column order (0..15; the inverse of pack_int4)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    groups = scales.shape[1]
     words = k // groups // 8
     b = qweight.reshape(n, groups, words, 4)  # [N, K/G, w, j]
     nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, groups, words, 8)  # [.., w, i]
-    codes = nibbles.transpose(-1, -2).reshape(n, groups, k // groups).float() - 8.0  # [N, K/G, G]
-    return (codes * scales.float()[..., None]).reshape(n, k)
+    return nibbles.transpose(-1, -2).reshape(n, k)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Packed int4 codes and group scales -> float32 W [N, K]."""
+    n, groups = scales.shape
+    codes = unpack_int4(qweight, groups).reshape(n, groups, -1).float() - 8.0  # [N, K/G, G]
+    return (codes * scales.float()[..., None]).reshape(n, -1)
 
 
 def _linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -115,12 +121,17 @@ def int8_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
     accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight-only int8 linear: Triton on CUDA, the reference elsewhere. With `accumulate` (x's
+    """Weight-only int8 linear: Triton on CUDA, torch's packed kernel on the CPU (quant_matmul_cpu.py),
+    the reference elsewhere and for what those do not take. With `accumulate` (x's
     dtype, [..., N]) the product is added into that tensor in place, which is returned."""
     if use_triton(x, qweight):
         from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
         return quant_matmul_triton(x, qweight, scales, bias, bits=8, accumulate=accumulate)
+    from engine.kernels import quant_matmul_cpu as cpu
+
+    if cpu.int8_cpu_ok(x, qweight, bias, accumulate):
+        return cpu.int8_matmul_cpu(x, qweight, scales)
     return int8_matmul_ref(x, qweight, scales, bias, accumulate)
 
 
@@ -128,9 +139,14 @@ def int4_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
     accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weight-only int4 linear: Triton on CUDA, the reference elsewhere (`accumulate` as int8_matmul)."""
+    """Weight-only int4 linear: Triton on CUDA, torch's packed kernel on the CPU, the reference
+    elsewhere (as int8_matmul; `accumulate` as there)."""
     if use_triton(x, qweight):
         from engine.kernels.quant_matmul_triton import quant_matmul_triton
 
         return quant_matmul_triton(x, qweight, scales, bias, bits=4, accumulate=accumulate)
+    from engine.kernels import quant_matmul_cpu as cpu
+
+    if cpu.int4_cpu_ok(x, qweight, bias, accumulate):
+        return cpu.int4_matmul_cpu(x, qweight, scales)
     return int4_matmul_ref(x, qweight, scales, bias, accumulate)

@@ -1,0 +1,72 @@
+"""Weight-only int8 / int4 linear layers on the CPU: torch's packed kernels (the serving path,
+engine/kernels/quant_matmul_cpu.py) against the dequantize-every-call references and a dense
+nn.Linear in the same dtype, over token counts M. Best of `--repeats` calls after one untimed.
+
+    python benchmarks/bench_quant_cpu.py --shapes 256:768,2048:8192 --ms 1,16,64,256,2048 --out q.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from run_info import run_info, write_json  # noqa: E402
+
+from engine.checkpoint import parse_dtype  # noqa: E402
+from engine.kernels.quant_matmul import int4_matmul_ref, int8_matmul_ref, quantize_int4, quantize_int8  # noqa: E402
+from engine.kernels.quant_matmul_cpu import int4_matmul_cpu, int8_matmul_cpu  # noqa: E402
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="256:768,2048:8192", help="K:N (in:out features) pairs")
+    ap.add_argument("--ms", default="1,16,64,256,2048", help="token counts")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="out/bench_quant_cpu.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split(":"))
+        w = (torch.randn(n, k) * 0.02).to(dtype)
+        q8, s8 = quantize_int8(w, dtype)
+        q4, s4 = quantize_int4(w, args.group_size, dtype)
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k).to(dtype)
+            row = {"K": k, "N": n, "M": m,
+                   "dense_ms": best_ms(lambda: F.linear(x, w), args.repeats),
+                   "int8_packed_ms": best_ms(lambda: int8_matmul_cpu(x, q8, s8), args.repeats),
+                   "int8_reference_ms": best_ms(lambda: int8_matmul_ref(x, q8, s8), args.repeats),
+                   "int4_packed_ms": best_ms(lambda: int4_matmul_cpu(x, q4, s4), args.repeats),
+                   "int4_reference_ms": best_ms(lambda: int4_matmul_ref(x, q4, s4), args.repeats)}
+            rows.append(row)
+            print(f"K {k:5d} N {n:5d} M {m:5d}  dense {row['dense_ms']:8.3f}  int8 packed {row['int8_packed_ms']:8.3f}"
+                  f" ref {row['int8_reference_ms']:8.3f}  int4 packed {row['int4_packed_ms']:8.3f}"
+                  f" ref {row['int4_reference_ms']:8.3f} ms")
+    write_json(args.out, {"benchmark": "quant_cpu", **run_info(sys.argv), "settings": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""torch's packed CPU kernels behind int8_matmul / int4_matmul (engine/kernels/quant_matmul_cpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.kernels.quant_matmul_cpu as qcpu
+from engine.kernels.quant_matmul import (
+    int4_matmul,
+    int4_matmul_ref,
+    int8_matmul,
+    int8_matmul_ref,
+    quantize_int4,
+    quantize_int8,
+)
+from engine.kernels.testing import assert_close_rel
+from engine.quant import QuantLinear
+
+pytestmark = pytest.mark.skipif(not qcpu.cpu_kernels_available(), reason="this torch has no packed CPU kernels")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(qcpu, name)
+    monkeypatch.setattr(qcpu, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int4_matches_the_reference(monkeypatch, dtype, group_size, rows):
+    calls = _spy(monkeypatch, "int4_matmul_cpu")
+    w = torch.randn(48, 256) * 0.05
+    q, s = quantize_int4(w, group_size, dtype)
+    x = torch.randn(rows, 256).to(dtype)
+    out = int4_matmul(x, q, s)
+    assert calls, "the packed kernel did not run"
+    assert out.dtype == dtype and out.shape == (rows, 48)
+    assert_close_rel(out, int4_matmul_ref(x, q, s), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 128])
+def test_int8_matches_the_reference(monkeypatch, dtype, rows):
+    calls = _spy(monkeypatch, "int8_matmul_cpu")
+    w = torch.randn(40, 96) * 0.05
+    q, s = quantize_int8(w, dtype)
+    x = torch.randn(rows, 96).to(dtype)
+    out = int8_matmul(x, q, s)
+    assert calls, "the packed kernel did not run"
+    assert_close_rel(out, int8_matmul_ref(x, q, s), TOL[dtype])
+
+
+def test_leading_dims_are_kept():
+    q, s = quantize_int4(torch.randn(32, 64), 32, torch.float32)
+    x = torch.randn(2, 3, 64)
+    out = int4_matmul(x, q, s)
+    assert out.shape == (2, 3, 32)
+    assert_close_rel(out, int4_matmul_ref(x, q, s), 1e-5)
+
+
+def test_what_the_packed_kernels_do_not_take_goes_to_the_reference(monkeypatch):
+    int4_calls, int8_calls = _spy(monkeypatch, "int4_matmul_cpu"), _spy(monkeypatch, "int8_matmul_cpu")
+    x = torch.randn(3, 64)
+    q4, s4 = quantize_int4(torch.randn(40, 64), 32, torch.float32)  # 40 outputs: not a multiple of 16
+    assert torch.equal(int4_matmul(x, q4, s4), int4_matmul_ref(x, q4, s4))
+    q4, s4 = quantize_int4(torch.randn(32, 64), 32, torch.float32)
+    bias = torch.randn(32)
+    assert torch.equal(int4_matmul(x, q4, s4, bias), int4_matmul_ref(x, q4, s4, bias))
+    acc, acc_ref = torch.randn(3, 32), None
+    acc_ref = acc.clone()
+    int4_matmul(x, q4, s4, accumulate=acc)
+    assert torch.equal(acc, int4_matmul_ref(x, q4, s4, accumulate=acc_ref))
+    q8, s8 = quantize_int8(torch.randn(32, 64), torch.float32)
+    many = torch.randn(qcpu.INT8_PACKED_MAX_ROWS + 1, 64)
+    assert torch.equal(int8_matmul(many, q8, s8), int8_matmul_ref(many, q8, s8))
+    assert int4_calls == [] and int8_calls == []
+
+
+def test_int4_pack_follows_weights_written_in_place():
+    q, s = quantize_int4(torch.randn(32, 64), 32, torch.float32)
+    x = torch.randn(2, 64)
+    before = int4_matmul(x, q, s)
+    q2, s2 = quantize_int4(torch.randn(32, 64), 32, torch.float32)
+    q.copy_(q2)  # a checkpoint load writes buffers like this
+    s.copy_(s2)
+    after = int4_matmul(x, q, s)
+    assert not torch.allclose(before, after)
+    assert_close_rel(after, int4_matmul_ref(x, q2, s2), 1e-5)
+
+
+def test_quant_linear_on_cpu_runs_the_packed_kernel(monkeypatch):
+    calls = _spy(monkeypatch, "int4_matmul_cpu")
+    dense = torch.nn.Linear(128, 64, bias=False).to(torch.bfloat16)
+    layer = QuantLinear.from_linear(dense, 4, 64)
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    assert_close_rel(layer(x), int4_matmul_ref(x, layer.qweight, layer.scales), 1e-2)
+    assert len(calls) == 1
