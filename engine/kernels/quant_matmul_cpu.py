@@ -5,7 +5,8 @@ checking, ruinous for serving (a 2048 x 8192 int4 layer: about 120 ms a decode t
 against 0.9 ms here). torch ships CPU kernels for exactly these formats:
 
   int8, per output channel: `aten._weight_int8pack_mm(x, qweight [N, K] int8, scales [N])` reads
-      Ember's int8 layout as it is (scales in x's dtype);
+      Ember's int8 layout as it is (scales in x's dtype; a weight not 64-byte aligned, as one
+      mapped from a safetensors file can be, is copied once: the kernel crashes on it);
   int4, group-wise: `aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)` with
       W[n, k] = (code - 8) * scale + zero; Ember's codes (c stands for c - 8, no zero points) are
       unpacked once per layer, repacked by `aten._convert_weight_to_int4pack_for_cpu`
@@ -56,10 +57,29 @@ def int4_cpu_ok(x: torch.Tensor, qweight: torch.Tensor, bias, accumulate) -> boo
     return _cpu_ok(x, bias, accumulate) and qweight.shape[0] % 16 == 0
 
 
+# torch's allocator aligns CPU tensors to 64 bytes; a weight read straight from a memory-mapped
+# safetensors file may not be, and the int8 kernel crashes (segfault) on such a weight.
+ALIGNMENT = 64
+
+# unaligned qweight -> (its version, an aligned copy); an entry goes with its qweight.
+_aligned: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def aligned_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight itself when 64-byte aligned and contiguous, else a cached aligned copy."""
+    if qweight.data_ptr() % ALIGNMENT == 0 and qweight.is_contiguous():
+        return qweight
+    version, copy = _aligned.get(qweight, (None, None))
+    if version != qweight._version:
+        copy = qweight.contiguous().clone()
+        _aligned[qweight] = (qweight._version, copy)
+    return copy
+
+
 def int8_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (qweight * scales[:, None]).T -> [..., N] in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
+    y = torch.ops.aten._weight_int8pack_mm(x2, aligned_int8_weight(qweight), scales.to(x.dtype))
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 

@@ -54,6 +54,26 @@ def test_int8_matches_the_reference(monkeypatch, dtype, rows):
     assert_close_rel(out, int8_matmul_ref(x, q, s), TOL[dtype])
 
 
+def _misaligned(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """A copy of t whose data starts offset_bytes past a 64-byte boundary (as a tensor mapped from
+    a safetensors file can)."""
+    pad = offset_bytes // t.element_size()
+    view = torch.empty(t.numel() + pad, dtype=t.dtype)[pad:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 64 == offset_bytes
+    return view
+
+
+def test_int8_weight_not_64_byte_aligned():
+    # torch's int8 kernel crashes on such a weight; the dispatcher hands it an aligned copy.
+    q, s = quantize_int8(torch.randn(2048, 2048) * 0.05, torch.bfloat16)
+    q_mapped = _misaligned(q, 40)
+    x = torch.randn(43, 2048).to(torch.bfloat16)
+    assert_close_rel(int8_matmul(x, q_mapped, s), int8_matmul_ref(x, q, s), 1e-2)
+    q_mapped.copy_(quantize_int8(torch.randn(2048, 2048) * 0.05, torch.bfloat16)[0])  # the copy follows
+    assert_close_rel(int8_matmul(x, q_mapped, s), int8_matmul_ref(x, q_mapped.clone(), s), 1e-2)
+
+
 def test_leading_dims_are_kept():
     q, s = quantize_int4(torch.randn(32, 64), 32, torch.float32)
     x = torch.randn(2, 3, 64)
