@@ -1,6 +1,7 @@
-"""Weight-only int8 / int4 linear layers on the CPU: torch's packed kernels (the serving path,
-engine/kernels/quant_matmul_cpu.py) against the dequantize-every-call references and a dense
-nn.Linear in the same dtype, over token counts M. Best of `--repeats` calls after one untimed.
+"""Weight-only int8 / int4 linear layers on the CPU, over token counts M: the two ways of
+engine/kernels/quant_matmul_cpu.py (torch's packed row-by-row kernels; the weight dequantized to
+the activations' dtype, then a dense matmul), the dequantize-to-fp32 references, and a dense
+nn.Linear in the same dtype. Best of `--repeats` calls after one untimed.
 
     python benchmarks/bench_quant_cpu.py --shapes 256:768,2048:8192 --ms 1,16,64,256,2048 --out q.json
 """
@@ -21,7 +22,7 @@ from run_info import run_info, write_json  # noqa: E402
 
 from engine.checkpoint import parse_dtype  # noqa: E402
 from engine.kernels.quant_matmul import int4_matmul_ref, int8_matmul_ref, quantize_int4, quantize_int8  # noqa: E402
-from engine.kernels.quant_matmul_cpu import int4_matmul_cpu, int8_matmul_cpu  # noqa: E402
+import engine.kernels.quant_matmul_cpu as qcpu  # noqa: E402
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -32,6 +33,16 @@ def best_ms(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best * 1e3
+
+
+def cpu_ms(fn, x, q, s, dense: bool, repeats: int) -> float:
+    """One of quant_matmul_cpu's two ways, forced by its row threshold."""
+    saved = qcpu.INT8_DENSE_MIN_ROWS, qcpu.INT4_DENSE_MIN_ROWS
+    qcpu.INT8_DENSE_MIN_ROWS = qcpu.INT4_DENSE_MIN_ROWS = 0 if dense else 1 << 62
+    try:
+        return best_ms(lambda: fn(x, q, s), repeats)
+    finally:
+        qcpu.INT8_DENSE_MIN_ROWS, qcpu.INT4_DENSE_MIN_ROWS = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         q4, s4 = quantize_int4(w, args.group_size, dtype)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k).to(dtype)
-            row = {"K": k, "N": n, "M": m,
-                   "dense_ms": best_ms(lambda: F.linear(x, w), args.repeats),
-                   "int8_packed_ms": best_ms(lambda: int8_matmul_cpu(x, q8, s8), args.repeats),
-                   "int8_reference_ms": best_ms(lambda: int8_matmul_ref(x, q8, s8), args.repeats),
-                   "int4_packed_ms": best_ms(lambda: int4_matmul_cpu(x, q4, s4), args.repeats),
-                   "int4_reference_ms": best_ms(lambda: int4_matmul_ref(x, q4, s4), args.repeats)}
+            row = {"K": k, "N": n, "M": m, "dense_ms": best_ms(lambda: F.linear(x, w), args.repeats)}
+            for bits, fn, q, s, ref in ((8, qcpu.int8_matmul_cpu, q8, s8, int8_matmul_ref),
+                                        (4, qcpu.int4_matmul_cpu, q4, s4, int4_matmul_ref)):
+                row[f"int{bits}_packed_ms"] = cpu_ms(fn, x, q, s, False, args.repeats)
+                row[f"int{bits}_dequant_dense_ms"] = cpu_ms(fn, x, q, s, True, args.repeats)
+                row[f"int{bits}_reference_ms"] = best_ms(lambda: ref(x, q, s), args.repeats)
             rows.append(row)
-            print(f"K {k:5d} N {n:5d} M {m:5d}  dense {row['dense_ms']:8.3f}  int8 packed {row['int8_packed_ms']:8.3f}"
-                  f" ref {row['int8_reference_ms']:8.3f}  int4 packed {row['int4_packed_ms']:8.3f}"
-                  f" ref {row['int4_reference_ms']:8.3f} ms")
+            print(f"K {k:5d} N {n:5d} M {m:5d}  dense {row['dense_ms']:8.3f}  " + "  ".join(
+                f"int{b} packed {row[f'int{b}_packed_ms']:8.3f} dequant+dense {row[f'int{b}_dequant_dense_ms']:8.3f}"
+                f" ref {row[f'int{b}_reference_ms']:8.3f}" for b in (8, 4)) + " ms")
     write_json(args.out, {"benchmark": "quant_cpu", **run_info(sys.argv), "settings": vars(args), "rows": rows})
     return 0
 

@@ -12,9 +12,12 @@ against 0.9 ms here). torch ships CPU kernels for exactly these formats:
       unpacked once per layer, repacked by `aten._convert_weight_to_int4pack_for_cpu`
       (N must be a multiple of 16) and kept beside the layer's qweight (`int4_cpu_pack`).
 
-Both accumulate in fp32 and return x's dtype (one rounding, as the references). Layers with a
-bias or an `accumulate` target (the folded-norm path, CUDA only by default) keep the references,
-whose rounding they specify. Measured against the references and bf16 nn.Linear by
+Both accumulate in fp32 and return x's dtype (one rounding, as the references). They work a row
+at a time, so from INT8_DENSE_MIN_ROWS / INT4_DENSE_MIN_ROWS rows on (prefill chunks) the weight
+is instead dequantized once to x's dtype and multiplied densely: exact in fp32; in bf16 each weight is rounded to bf16
+(about 2^-9 relative), an error of the size of the output's own rounding. Layers with a bias or
+an `accumulate` target (the folded-norm path, CUDA only by default) keep the references, whose
+rounding they specify. Measured against the references and dense nn.Linear by
 benchmarks/bench_quant_cpu.py.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from engine.kernels.quant_matmul import unpack_int4
@@ -36,10 +40,12 @@ def cpu_kernels_available() -> bool:
                ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
 
 
-# torch's int8 kernel works row by row: past this many rows the reference (one dequantization,
-# then an fp32 GEMM) is faster (benchmarks/bench_quant_cpu.py: at 2048 rows 1.24 s against 0.90 s
-# for a 2048 x 8192 layer). The int4 kernel was faster than its reference at every row count.
-INT8_PACKED_MAX_ROWS = 128
+# torch's kernels work row by row: from this many rows on, dequantizing the weight once to the
+# activations' dtype and running a dense matmul is faster (benchmarks/bench_quant_cpu.py, bf16,
+# 2048 x 8192: int8 at 64 rows 17.6 ms against 40.9; int4 at 256 rows 84 ms against 104; the
+# int4 dequantization, about 50 ms for 16M weights, costs more than the int8 one).
+INT8_DENSE_MIN_ROWS = 64
+INT4_DENSE_MIN_ROWS = 256
 
 
 def _cpu_ok(x: torch.Tensor, bias, accumulate) -> bool:
@@ -49,12 +55,16 @@ def _cpu_ok(x: torch.Tensor, bias, accumulate) -> bool:
 
 def int8_cpu_ok(x: torch.Tensor, qweight: torch.Tensor, bias, accumulate) -> bool:
     """Whether int8_matmul_cpu takes this call (else the reference)."""
-    return _cpu_ok(x, bias, accumulate) and x.numel() // x.shape[-1] <= INT8_PACKED_MAX_ROWS
+    return _cpu_ok(x, bias, accumulate)
 
 
 def int4_cpu_ok(x: torch.Tensor, qweight: torch.Tensor, bias, accumulate) -> bool:
     """Whether int4_matmul_cpu takes this call: torch's packing needs N a multiple of 16."""
     return _cpu_ok(x, bias, accumulate) and qweight.shape[0] % 16 == 0
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
 # torch's allocator aligns CPU tensors to 64 bytes; a weight read straight from a memory-mapped
@@ -78,6 +88,8 @@ def aligned_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
 
 def int8_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (qweight * scales[:, None]).T -> [..., N] in x's dtype."""
+    if _rows(x) >= INT8_DENSE_MIN_ROWS:
+        return F.linear(x, qweight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.aten._weight_int8pack_mm(x2, aligned_int8_weight(qweight), scales.to(x.dtype))
     return y.reshape(*x.shape[:-1], qweight.shape[0])
@@ -113,6 +125,10 @@ def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 
 def int4_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ dequant(W).T -> [..., N] in x's dtype (see the module docstring)."""
+    if _rows(x) >= INT4_DENSE_MIN_ROWS:
+        n, groups = scales.shape
+        w = unpack_int4(qweight, groups).view(n, groups, -1).to(x.dtype).sub_(8.0)
+        return F.linear(x, w.mul_(scales.to(x.dtype)[..., None]).view(n, -1))
     pack = int4_cpu_pack(qweight, scales, x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.packed, pack.group_size, pack.scale_zeros)

@@ -94,10 +94,23 @@ def test_what_the_packed_kernels_do_not_take_goes_to_the_reference(monkeypatch):
     acc_ref = acc.clone()
     int4_matmul(x, q4, s4, accumulate=acc)
     assert torch.equal(acc, int4_matmul_ref(x, q4, s4, accumulate=acc_ref))
-    q8, s8 = quantize_int8(torch.randn(32, 64), torch.float32)
-    many = torch.randn(qcpu.INT8_PACKED_MAX_ROWS + 1, 64)
-    assert torch.equal(int8_matmul(many, q8, s8), int8_matmul_ref(many, q8, s8))
     assert int4_calls == [] and int8_calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_rows_dequantize_once_and_match_the_reference(monkeypatch, dtype, bits):
+    rows = qcpu.INT8_DENSE_MIN_ROWS if bits == 8 else qcpu.INT4_DENSE_MIN_ROWS
+    packed = _spy(monkeypatch, "int8_matmul_cpu" if bits == 8 else "int4_matmul_cpu")
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", None)  # the row-by-row kernels must not run
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    w = torch.randn(48, 256) * 0.05
+    q, s = quantize_int8(w, dtype) if bits == 8 else quantize_int4(w, 64, dtype)
+    x = torch.randn(rows, 256).to(dtype)
+    matmul, ref = (int8_matmul, int8_matmul_ref) if bits == 8 else (int4_matmul, int4_matmul_ref)
+    out = matmul(x, q, s)
+    assert packed and out.dtype == dtype
+    assert_close_rel(out, ref(x, q, s), TOL[dtype])
 
 
 def test_int4_pack_follows_weights_written_in_place():
