@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from run_info import run_info, write_json  # noqa: E402
+from run_info import best_ms, run_info, write_json  # noqa: E402
 
 from engine.checkpoint import parse_dtype  # noqa: E402
 from engine.kernels.paged_attention import paged_attention_ref  # noqa: E402
@@ -37,16 +36,6 @@ def case_inputs(batch: int, lo: int, hi: int, hq: int, hkv: int, d: int, page: i
     q = torch.randn(batch, hq, d, generator=gen).to(dtype)
     cu = torch.arange(batch + 1, dtype=torch.int32)
     return q, k_cache, v_cache, tables, lens, cu
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

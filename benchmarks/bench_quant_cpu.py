@@ -8,9 +8,7 @@ nn.Linear in the same dtype. Best of `--repeats` calls after one untimed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,21 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from run_info import run_info, write_json  # noqa: E402
+from run_info import best_ms, run_info, write_json  # noqa: E402
 
 from engine.checkpoint import parse_dtype  # noqa: E402
 from engine.kernels.quant_matmul import int4_matmul_ref, int8_matmul_ref, quantize_int4, quantize_int8  # noqa: E402
 import engine.kernels.quant_matmul_cpu as qcpu  # noqa: E402
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def cpu_ms(fn, x, q, s, dense: bool, repeats: int) -> float:

@@ -76,6 +76,17 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30, repeats: int = 1
     return 2 * nbytes / (statistics.median(ms) * 1e-3) / 1e12
 
 
+def best_ms(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn, after one untimed (CPU benchmarks), in ms."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def write_json(path: str | os.PathLike, report: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
