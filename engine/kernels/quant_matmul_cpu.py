@@ -41,9 +41,9 @@ def cpu_kernels_available() -> bool:
 
 
 # torch's kernels work row by row: from this many rows on, dequantizing the weight once to the
-# activations' dtype and running a dense matmul is faster (benchmarks/bench_quant_cpu.py, bf16,
-# 2048 x 8192: int8 at 64 rows 17.6 ms against 40.9; int4 at 256 rows 84 ms against 104; the
-# int4 dequantization, about 50 ms for 16M weights, costs more than the int8 one).
+# activations' dtype and running a dense matmul is faster (benchmarks/results/quant-cpu.json, bf16,
+# 2048 x 8192: int8 at 64 rows 30.3 ms against 35.0; int4 at 256 rows 66 ms against 100; the
+# int4 dequantization, about 40 ms for 16M weights, costs more than the int8 one).
 INT8_DENSE_MIN_ROWS = 64
 INT4_DENSE_MIN_ROWS = 256
 
@@ -71,7 +71,7 @@ def _rows(x: torch.Tensor) -> int:
 # safetensors file may not be, and the int8 kernel crashes (segfault) on such a weight.
 ALIGNMENT = 64
 
-# unaligned qweight -> (its version, an aligned copy); an entry goes with its qweight.
+# unaligned qweight -> ((its data pointer, version), an aligned copy); an entry goes with its qweight.
 _aligned: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -79,10 +79,11 @@ def aligned_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
     """qweight itself when 64-byte aligned and contiguous, else a cached aligned copy."""
     if qweight.data_ptr() % ALIGNMENT == 0 and qweight.is_contiguous():
         return qweight
-    version, copy = _aligned.get(qweight, (None, None))
-    if version != qweight._version:
+    key = (qweight.data_ptr(), qweight._version)
+    cached_key, copy = _aligned.get(qweight, (None, None))
+    if cached_key != key:
         copy = qweight.contiguous().clone()
-        _aligned[qweight] = (qweight._version, copy)
+        _aligned[qweight] = (key, copy)
     return copy
 
 
@@ -109,7 +110,7 @@ _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> Int4CpuPack:
     """torch's CPU layout of an Ember int4 layer, built on first use and rebuilt when qweight or
     scales change (another tensor, or written in place: torch's version counters)."""
-    key = (scales.data_ptr(), qweight._version, scales._version)
+    key = (qweight.data_ptr(), scales.data_ptr(), qweight._version, scales._version)
     per_dtype = _packs.setdefault(qweight, {})
     pack = per_dtype.get(dtype)
     if pack is None or pack.key != key:
