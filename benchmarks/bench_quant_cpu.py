@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"K {k:5d} N {n:5d} M {m:5d}  dense {row['dense_ms']:8.3f}  " + "  ".join(
                 f"int{b} packed {row[f'int{b}_packed_ms']:8.3f} dequant+dense {row[f'int{b}_dequant_dense_ms']:8.3f}"
                 f" ref {row[f'int{b}_reference_ms']:8.3f}" for b in (8, 4)) + " ms")
-    write_json(args.out, {"benchmark": "quant_cpu", **run_info(sys.argv), "settings": vars(args), "rows": rows})
+    write_json(args.out, {"benchmark": "quant_cpu", **run_info(sys.argv), "settings": vars(args), "rows": rows,
+                          "dense_min_rows": {"int8": qcpu.INT8_DENSE_MIN_ROWS, "int4": qcpu.INT4_DENSE_MIN_ROWS}})
     return 0
 
 

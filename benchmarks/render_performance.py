@@ -170,6 +170,39 @@ def render_multi_lora(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_attention_cpu(d: dict) -> str:
+    s = d["settings"]
+    lines = [provenance(d), "",
+             f"One decode call, {s['dtype']}, heads {s['heads']} (Hq:Hkv:D), {s['threads']} torch thread(s), "
+             f"best of {s['repeats']}; context lengths drawn uniformly from each range.", "",
+             "| batch | contexts | per-sequence reference ms | batched by length ms | speed-up |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['batch']} | {r['context'][0]}-{r['context'][1]} | {r['reference_ms']:.3f} | "
+                     f"{r['batched_ms']:.3f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def render_quant_cpu(d: dict) -> str:
+    s = d["settings"]
+    lines = [provenance(d), "",
+             f"{s['dtype']}, int4 groups of {s['group_size']}, {s['threads']} torch thread(s), best of {s['repeats']}; "
+             "ms per call. Packed: torch's row-by-row kernels; dequant + dense: the weight dequantized to the "
+             "activations' dtype, then a dense matmul; reference: dequantized to fp32 every call. Bold: the way "
+             "the dispatcher takes at that row count.", "",
+             "| K x N | M | dense | int8 packed | int8 dequant + dense | int8 reference | int4 packed | "
+             "int4 dequant + dense | int4 reference |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        cells = []
+        for bits in (8, 4):
+            limit = d.get("dense_min_rows", {}).get(f"int{bits}")
+            chosen = None if limit is None else "dequant_dense" if r["M"] >= limit else "packed"
+            for way in ("packed", "dequant_dense", "reference"):
+                v = f"{r[f'int{bits}_{way}_ms']:.3f}"
+                cells.append(f"**{v}**" if way == chosen else v)
+        lines.append(f"| {r['K']} x {r['N']} | {r['M']} | {r['dense_ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def newest(results: Path) -> dict[str, dict]:
     """The newest JSON of each benchmark kind in `results`."""
     found: dict[str, dict] = {}
@@ -186,6 +219,8 @@ def newest(results: Path) -> dict[str, dict]:
             kind = "kernels_attention"
         if kind == "kernels" and "--model-shapes" in d.get("settings", {}).get("command", ""):
             kind = "kernels_model_shapes"
+            if " --shapes " in d["settings"]["command"]:
+                kind = "kernels_model_shapes_subset"  # some shapes only (an experiment's sweep): not the table
         if kind == "decode" and d.get("settings", {}).get("lm_head_bits") is not None:
             kind = "decode_quantized_head"  # a variant run (quoted in the text), not the table's
         if kind == "decode" and not d.get("settings", {}).get("hf_new_tokens", True):
@@ -201,7 +236,8 @@ def render(doc: str, docs: dict[str, dict]) -> str:
     blocks = {"decode": render_decode, "throughput": render_throughput, "kernels": render_kernels,
               "train_step": render_train, "multi_lora": render_multi_lora, "multi_lora_8b": render_multi_lora,
               "kernels_attention": render_kernels_attention, "decode_h100": render_decode,
-              "kernels_h100": render_kernels, "kernels_model_shapes_h100": render_kernels_model_shapes}
+              "kernels_h100": render_kernels, "kernels_model_shapes_h100": render_kernels_model_shapes,
+              "attention_cpu": render_attention_cpu, "quant_cpu": render_quant_cpu}
     tables = {k: fn(docs[k]) for k, fn in blocks.items() if k in docs}
     if "decode" in docs or "throughput" in docs:
         tables["capture"] = render_capture(docs)

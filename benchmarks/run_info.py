@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -42,7 +43,23 @@ def run_info(argv: list[str]) -> dict:
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name
         info["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
+    else:
+        info["hardware"] = cpu_name()
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the cores this process may use, e.g. 'AMD EPYC (2 cores)'."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
 
 
 def sync(device: str) -> None:
