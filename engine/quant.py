@@ -269,6 +269,27 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 128,
     return qcfg
 
 
+def prepare_cpu_layers(model: nn.Module) -> int:
+    """Build, ahead of the first request, what the CPU kernels of engine/kernels/quant_matmul_cpu.py
+    would otherwise build on first use: int4 layers' CPU packs (about 0.1 s per 16M weights) and
+    aligned copies of int8 weights mapped off alignment. Returns the number of layers prepared."""
+    from engine.kernels import quant_matmul_cpu as qcpu
+
+    if not qcpu.cpu_kernels_available():
+        return 0
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, QuantLinear) or layer.qweight.device.type != "cpu":
+            continue
+        if layer.bits == 4 and layer.out_features % 16 == 0:
+            qcpu.int4_cpu_pack(layer.qweight, layer.scales, layer.scales.dtype)
+            count += 1
+        elif layer.bits == 8:
+            qcpu.aligned_int8_weight(layer.qweight)
+            count += 1
+    return count
+
+
 def apply_quantization(model: nn.Module, quantization_config: dict[str, Any]) -> list[str]:
     """Give `model` (typically still empty, on the meta device) the layer structure of a quantized
     checkpoint, so its qweight/scales tensors can be loaded. Returns the converted layer names."""

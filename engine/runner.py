@@ -84,6 +84,13 @@ class ModelRunner:
             else:
                 fuse_model(model)
             self.cos_sin_cache = build_cos_sin_cache(model.inv_freq.float(), max_model_len)
+        if self.device.type == "cpu":  # int8 / int4 layers: the CPU kernels' packed weights, built now
+            from engine.quant import prepare_cpu_layers
+
+            start = time.perf_counter()
+            if prepared := prepare_cpu_layers(model):
+                logger.info("prepared %d quantized layers for the CPU kernels in %.1f s", prepared,
+                            time.perf_counter() - start)
         if adapters is not None:  # wraps the (fused) projections; its slots are allocated before KV sizing
             adapters.attach()
         self.num_blocks = self._num_kv_blocks()

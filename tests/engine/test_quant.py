@@ -203,3 +203,23 @@ def test_cli_int4_layers_with_an_int8_head(tmp_path):
     mixed_err, full4_err = ((mixed - ref).norm() / ref.norm()).item(), ((full4 - ref).norm() / ref.norm()).item()
     assert 0 < mixed_err < full4_err < 0.3
     assert head8.shape == (5, 96)
+
+
+def test_cpu_runner_prepares_int4_packs_at_start(tmp_path):
+    from engine.checkpoint import load_model
+    from engine.config import EngineConfig
+    from engine.kernels import quant_matmul_cpu as qcpu
+    from engine.runner import ModelRunner
+
+    if not qcpu.cpu_kernels_available():
+        pytest.skip("this torch has no packed CPU kernels")
+    _, fp_dir = _tiny_checkpoint(tmp_path)
+    out = quantize_checkpoint(fp_dir, tmp_path / "q", 4, 32)
+    qmodel, _ = load_model(out)
+    ModelRunner(qmodel, EngineConfig(model=str(out), kv_cache_tokens=512), 64)
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.qweight in qcpu._packs for m in layers)  # built before any request
+    packs = {id(m): qcpu._packs[m.qweight][m.scales.dtype] for m in layers}
+    with torch.no_grad():
+        qmodel(torch.randint(0, 96, (1, 5)))
+    assert all(qcpu._packs[m.qweight][m.scales.dtype] is packs[id(m)] for m in layers)  # used, not rebuilt
