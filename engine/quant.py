@@ -96,8 +96,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The dense [out, in] weight this layer multiplies by, in the scales' dtype."""
-        w = dequantize_int8(self.qweight, self.scales) if self.bits == 8 else dequantize_int4(self.qweight, self.scales)
-        return w.to(self.scales.dtype)
+        dequantize = dequantize_int8 if self.bits == 8 else dequantize_int4
+        return dequantize(self.qweight, self.scales, self.scales.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -281,7 +281,7 @@ def prepare_cpu_layers(model: nn.Module) -> int:
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or layer.qweight.device.type != "cpu":
             continue
-        if layer.bits == 4 and layer.out_features % 16 == 0:
+        if layer.bits == 4 and qcpu.int4_packable(layer.qweight):
             qcpu.int4_cpu_pack(layer.qweight, layer.scales, layer.scales.dtype)
             count += 1
         elif layer.bits == 8:

@@ -43,9 +43,10 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> 
     return q, scales
 
 
-def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes and per-channel scales -> float32 W [N, K]."""
-    return qweight.float() * scales.float()[:, None]
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 codes and per-channel scales -> W [N, K] in dtype (exact in float32; in a narrower
+    dtype each weight is rounded once)."""
+    return qweight.to(dtype).mul_(scales.to(dtype)[:, None])
 
 
 def quantize_int4(
@@ -85,11 +86,12 @@ def unpack_int4(qweight: torch.Tensor, groups: int) -> torch.Tensor:
     return nibbles.transpose(-1, -2).reshape(n, k)
 
 
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Packed int4 codes and group scales -> float32 W [N, K]."""
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed int4 codes and group scales -> W [N, K] in dtype (exact in float32; in a narrower
+    dtype each weight is rounded once)."""
     n, groups = scales.shape
-    codes = unpack_int4(qweight, groups).reshape(n, groups, -1).float() - 8.0  # [N, K/G, G]
-    return (codes * scales.float()[..., None]).reshape(n, -1)
+    codes = unpack_int4(qweight, groups).reshape(n, groups, -1).to(dtype).sub_(8.0)  # [N, K/G, G]
+    return codes.mul_(scales.to(dtype)[..., None]).reshape(n, -1)
 
 
 def _linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from engine.kernels.quant_matmul import unpack_int4
+from engine.kernels.quant_matmul import dequantize_int4, dequantize_int8, unpack_int4
 
 
 @functools.cache
@@ -58,9 +58,14 @@ def int8_cpu_ok(x: torch.Tensor, qweight: torch.Tensor, bias, accumulate) -> boo
     return _cpu_ok(x, bias, accumulate)
 
 
+def int4_packable(qweight: torch.Tensor) -> bool:
+    """torch's CPU int4 packing needs the output features N a multiple of 16."""
+    return qweight.shape[0] % 16 == 0
+
+
 def int4_cpu_ok(x: torch.Tensor, qweight: torch.Tensor, bias, accumulate) -> bool:
-    """Whether int4_matmul_cpu takes this call: torch's packing needs N a multiple of 16."""
-    return _cpu_ok(x, bias, accumulate) and qweight.shape[0] % 16 == 0
+    """Whether int4_matmul_cpu takes this call (else the reference)."""
+    return _cpu_ok(x, bias, accumulate) and int4_packable(qweight)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -90,7 +95,7 @@ def aligned_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
 def int8_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (qweight * scales[:, None]).T -> [..., N] in x's dtype."""
     if _rows(x) >= INT8_DENSE_MIN_ROWS:
-        return F.linear(x, qweight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
+        return F.linear(x, dequantize_int8(qweight, scales, x.dtype))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.aten._weight_int8pack_mm(x2, aligned_int8_weight(qweight), scales.to(x.dtype))
     return y.reshape(*x.shape[:-1], qweight.shape[0])
@@ -127,9 +132,7 @@ def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 def int4_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ dequant(W).T -> [..., N] in x's dtype (see the module docstring)."""
     if _rows(x) >= INT4_DENSE_MIN_ROWS:
-        n, groups = scales.shape
-        w = unpack_int4(qweight, groups).view(n, groups, -1).to(x.dtype).sub_(8.0)
-        return F.linear(x, w.mul_(scales.to(x.dtype)[..., None]).view(n, -1))
+        return F.linear(x, dequantize_int4(qweight, scales, x.dtype))
     pack = int4_cpu_pack(qweight, scales, x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, pack.packed, pack.group_size, pack.scale_zeros)
