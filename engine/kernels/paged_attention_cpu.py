@@ -67,27 +67,27 @@ def paged_attention_cpu(
     block_size = k_cache.shape[1]
     cu = cu_seqlens_q.tolist()
     ctx = context_lens.tolist()
-    decode, decode_blocks = [], []
+    alone, decode, decode_blocks = [], [], []  # alone: sequences that take the reference's code
     for s, kv_len in enumerate(ctx):
-        q0, q1 = cu[s], cu[s + 1]
-        if q1 - q0 <= 0 or kv_len <= 0:
+        q_len = cu[s + 1] - cu[s]
+        if q_len <= 0 or kv_len <= 0:
             continue
-        if q1 - q0 == 1:
+        if q_len == 1:
             decode.append(s)
             decode_blocks.append(-(-kv_len // block_size))
         else:
-            out[q0:q1] = attend_sequence(q[q0:q1], k_cache, v_cache, block_tables[s], kv_len, scale, s)
+            alone.append(s)
     num_heads_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
     max_padded = max(1, GROUP_ELEMENTS // (block_size * num_heads_kv * head_dim))
     for group in group_by_length(decode_blocks, max_padded=max_padded):
         seqs = [decode[i] for i in group]
         if len(seqs) == 1:  # alone, the reference's few ops are cheaper than the gather
-            s = seqs[0]
-            out[cu[s]:cu[s] + 1] = attend_sequence(q[cu[s]:cu[s] + 1], k_cache, v_cache, block_tables[s], ctx[s],
-                                                   scale, s)
+            alone.extend(seqs)
             continue
         _decode_group(q, k_cache, v_cache, block_tables, [cu[s] for s in seqs], seqs,
                       [ctx[s] for s in seqs], decode_blocks[group[-1]], scale, out)
+    for s in alone:
+        out[cu[s]:cu[s + 1]] = attend_sequence(q[cu[s]:cu[s + 1]], k_cache, v_cache, block_tables[s], ctx[s], scale, s)
     return out
 
 
