@@ -58,8 +58,9 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name} ({cores} cores)"
+    from server.engine_loader import usable_cores  # affinity set, capped by a cgroup CPU quota
+
+    return f"{name} ({usable_cores()} cores)"
 
 
 def sync(device: str) -> None:
